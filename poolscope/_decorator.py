@@ -1,0 +1,116 @@
+"""``pooled_forward``: run a function or a module's forward inside a fresh pool scope per call."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, TypeVar, overload
+
+import torch
+import wrapt
+
+from ._config import DEFAULT_THRESHOLD, ByteSize, DeviceLike
+from ._pool import TensorPool
+from ._scope import PoolScope
+
+__all__ = ["pooled_forward"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@overload
+def pooled_forward(wrapped: F) -> F: ...
+
+
+@overload
+def pooled_forward(
+    wrapped: None = None,
+    *,
+    device: Optional[DeviceLike] = ...,
+    threshold: ByteSize = ...,
+    capture: str = ...,
+    pool: Optional[TensorPool] = ...,
+    strict: bool = ...,
+    name: Optional[str] = ...,
+) -> Callable[[F], F]: ...
+
+
+def pooled_forward(
+    wrapped: Any = None,
+    *,
+    device: Optional[DeviceLike] = None,
+    threshold: ByteSize = DEFAULT_THRESHOLD,
+    capture: str = "factories",
+    pool: Optional[TensorPool] = None,
+    strict: bool = False,
+    name: Optional[str] = None,
+) -> Any:
+    """Decorate a forward (or any function) so that each call runs in its own :func:`pool_scope`.
+
+    Works bare or with :func:`pool_scope`'s keyword arguments, on functions,
+    methods, ``nn.Module.forward`` at class level, staticmethods and
+    classmethods; keeps ``__name__``, ``__doc__`` and the signature. An
+    instance whose ``enable_memory_pool`` attribute is ``False`` (the seed's
+    per-module switch) runs the forward without a scope.
+
+    Example::
+
+        class Attention(nn.Module):
+            @poolscope.pooled_forward
+            def forward(self, q, k, v): ...
+
+        @poolscope.pooled_forward(threshold="4MiB")
+        def generate(model, tokens): ...
+
+    Args:
+        wrapped: the function; leave it out to pass keyword arguments.
+        device, threshold, capture, pool, strict: as for :func:`pool_scope`.
+        name: a label for reports; defaults to the function's qualified name.
+
+    Returns:
+        The wrapped function, or a decorator when called with keywords only.
+
+    Raises:
+        TypeError: when given a class (decorate its ``forward`` instead) or
+            something that is not callable; TypeError/ValueError for bad settings.
+    """
+    if wrapped is None:
+        PoolScope(device, threshold=threshold, capture=capture, pool=pool, strict=strict, name=name)
+        return functools.partial(
+            pooled_forward,
+            device=device,
+            threshold=threshold,
+            capture=capture,
+            pool=pool,
+            strict=strict,
+            name=name,
+        )
+    if isinstance(wrapped, type):
+        raise TypeError(
+            f"pooled_forward decorates a function or method, not the class {wrapped.__qualname__}; "
+            "decorate its forward instead: `@poolscope.pooled_forward` above `def forward(self, ...)`"
+        )
+    if isinstance(wrapped, torch.nn.Module):
+        raise TypeError(
+            f"pooled_forward got a module instance ({type(wrapped).__name__}); decorate its class's forward, "
+            "or wrap a call with `with poolscope.pool_scope(): module(x)`"
+        )
+    if not (callable(wrapped) or isinstance(wrapped, (staticmethod, classmethod))):
+        raise TypeError(f"pooled_forward needs a function or method; got {wrapped!r} of type {type(wrapped).__name__}")
+    function = getattr(wrapped, "__func__", wrapped)
+    template = PoolScope(
+        device,
+        threshold=threshold,
+        capture=capture,
+        pool=pool,
+        strict=strict,
+        name=name if name is not None else getattr(function, "__qualname__", None),
+    )
+
+    @wrapt.decorator
+    def run_in_scope(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
+        if instance is not None and getattr(instance, "enable_memory_pool", True) is False:
+            return wrapped(*args, **kwargs)
+        with template._recreate_cm():
+            return wrapped(*args, **kwargs)
+
+    return run_in_scope(wrapped)

@@ -1,0 +1,293 @@
+"""Per-device pools of large blocks, lent to tensors and taken back when the last reference dies.
+
+A lent tensor gets a storage of its own whose memory is a prefix of a pooled
+block (see ``storage_alias``). The storage keeps a private view of the block,
+the *sentinel*, alive; a weak reference to the sentinel (the ``_Lease``)
+fires when the storage dies, which is after every tensor, view, storage object
+and autograd-saved tensor sharing it is gone. Only then can the block be lent
+again, so a block is never lent twice and never reused while referenced.
+
+Weak-reference callbacks can run in any thread and at any point, even while
+this module holds its lock (a garbage collection started inside it), so they
+only append to a deque; the pool folds that deque in under its lock before it
+reads or changes anything.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import weakref
+from collections.abc import Sequence
+
+import torch
+
+from ._config import DeviceLike, parse_cap, parse_device
+from ._stats import PoolStats
+from ._torch_compat import current_stream_key, no_python_dispatch, storage_alias
+
+__all__ = ["TensorPool", "get_pool"]
+
+# One lock for every pool: a scope's escape tally can be touched by the pools
+# of several devices.
+_LOCK = threading.Lock()
+_POOLS: dict[torch.device, TensorPool] = {}
+_fork_hook_installed = False
+
+_SMALL_GRANULE = 512
+_STEPS_PER_DOUBLING = 4  # size classes 1, 1.25, 1.5, 1.75 x 2**k: waste < 1.25x
+
+
+def size_class(nbytes: int) -> int:
+    """Bytes reserved for a request of ``nbytes``: at most 1.25x the request."""
+    if nbytes <= 8 * _SMALL_GRANULE:
+        return -(-nbytes // _SMALL_GRANULE) * _SMALL_GRANULE
+    step = 1 << (nbytes.bit_length() - 1 - 2)
+    return -(-nbytes // step) * step
+
+
+def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides = []
+    acc = 1
+    for dim in reversed(shape):
+        strides.append(acc)
+        acc *= max(dim, 1)
+    return tuple(reversed(strides))
+
+
+def _reset_lock_after_fork() -> None:
+    # A thread of the parent may have held the lock at the fork; that thread
+    # does not exist in the child.
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+def _install_fork_hook() -> None:
+    global _fork_hook_installed
+    if not _fork_hook_installed and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_reset_lock_after_fork)
+        _fork_hook_installed = True
+
+
+class Tally:
+    """Blocks lent on behalf of one scope and still alive."""
+
+    __slots__ = ("live",)
+
+    def __init__(self) -> None:
+        self.live = 0
+
+
+class _Lease(weakref.ref):
+    """A weak reference to a lent block's sentinel, carrying what to give back."""
+
+    __slots__ = ("block", "key", "requested", "tally")
+
+    def __new__(cls, sentinel, callback, *_):  # type: ignore[no-untyped-def]
+        return super().__new__(cls, sentinel, callback)
+
+    def __init__(self, sentinel, callback, block, key, requested, tally):  # type: ignore[no-untyped-def]
+        super().__init__(sentinel, callback)
+        self.block = block
+        self.key = key
+        self.requested = requested
+        self.tally = tally
+
+
+class TensorPool:
+    """A cache of large memory blocks on one device.
+
+    Blocks are lent to tensors created inside a :func:`pool_scope` (or by the
+    seed-compatible :meth:`GlobalMemoryPool.allocate`) and come back on their
+    own when the last reference to that memory dies. There is no deallocate.
+
+    Example::
+
+        pool = poolscope.get_pool("cpu")
+        pool.max_cached_bytes = "512MiB"
+        with poolscope.pool_scope(pool=pool):
+            y = model(x)
+        print(pool.stats().hits)
+        pool.empty_cache()
+
+    Args:
+        device: the device whose memory this pool holds.
+        max_cached_bytes: cap on idle cached bytes (int or "512MiB"); None
+            means no cap. Blocks above the cap are freed, oldest first, when
+            they come back and when a scope exits.
+
+    Raises:
+        TypeError, ValueError: for a bad device or cap.
+    """
+
+    def __init__(self, device: DeviceLike = "cpu", *, max_cached_bytes: int | str | None = None) -> None:
+        _install_fork_hook()
+        self._device = parse_device(device)
+        self._cap = parse_cap(max_cached_bytes)
+        self._free: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
+        self._cache_order: dict[int, tuple[int, int]] = {}  # id(block) -> key, oldest first
+        self._live: dict[int, _Lease] = {}
+        self._released: collections.deque[_Lease] = collections.deque()
+        self._bytes_in_use = 0
+        self._bytes_requested = 0
+        self._bytes_cached = 0
+        self._peak = 0
+        self._hits = 0
+        self._misses = 0
+        self._evictions = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def max_cached_bytes(self) -> int | None:
+        """Cap on the idle bytes this pool keeps; None means no cap."""
+        return self._cap
+
+    @max_cached_bytes.setter
+    def max_cached_bytes(self, value: int | str | None) -> None:
+        cap = parse_cap(value)
+        with _LOCK:
+            self._cap = cap
+            evicted = self._settle_locked(cap)
+        del evicted
+
+    def stats(self) -> PoolStats:
+        """Return a snapshot of this pool's figures."""
+        with _LOCK:
+            evicted = self._settle_locked(self._cap)
+            stats = PoolStats(
+                device=str(self._device),
+                bytes_in_use=self._bytes_in_use,
+                bytes_requested=self._bytes_requested,
+                bytes_cached=self._bytes_cached,
+                bytes_reserved=self._bytes_in_use + self._bytes_cached,
+                peak_bytes_in_use=self._peak,
+                blocks_in_use=len(self._live),
+                blocks_cached=len(self._cache_order),
+                hits=self._hits,
+                misses=self._misses,
+                evictions=self._evictions,
+                max_cached_bytes=self._cap,
+            )
+        del evicted
+        return stats
+
+    def empty_cache(self) -> None:
+        """Free every cached block. Blocks lent to live tensors are untouched."""
+        with _LOCK:
+            evicted = self._settle_locked(0)
+        del evicted
+
+    def trim(self) -> None:
+        """Free cached blocks above ``max_cached_bytes`` (scopes call this on exit)."""
+        with _LOCK:
+            evicted = self._settle_locked(self._cap)
+        del evicted
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (
+            f"TensorPool(device='{self._device}', in_use={s.bytes_in_use}, cached={s.bytes_cached}, "
+            f"max_cached_bytes={self._cap})"
+        )
+
+    def lend(
+        self,
+        size: Sequence[int],
+        stride: Sequence[int],
+        dtype: torch.dtype,
+        nbytes: int,
+        tally: Tally | None = None,
+    ) -> tuple[torch.Tensor, bool]:
+        """Return an uninitialised tensor over a pooled block and whether it was a cache hit.
+
+        ``nbytes`` must be the storage size that ``size``/``stride``/``dtype`` need.
+        """
+        cls = size_class(nbytes)
+        key = (current_stream_key(self._device), cls)
+        block = None
+        with _LOCK:
+            evicted = self._settle_locked(self._cap)
+            free = self._free.get(key)
+            if free:
+                block_id, block = free.popitem()
+                del self._cache_order[block_id]
+                self._bytes_cached -= cls
+        del evicted
+        hit = block is not None
+        with no_python_dispatch():
+            if block is None:
+                block = torch.empty(cls, dtype=torch.uint8, device=self._device)
+            sentinel = block[:nbytes]
+            alias = storage_alias(sentinel)
+            out = torch.empty((0,), dtype=dtype, device=self._device)
+            out.set_(alias.untyped_storage(), 0, size, stride)
+        lease = _Lease(sentinel, self._released.append, block, key, nbytes, tally)
+        with _LOCK:
+            self._live[id(lease)] = lease
+            self._bytes_in_use += cls
+            self._bytes_requested += nbytes
+            if self._bytes_in_use > self._peak:
+                self._peak = self._bytes_in_use
+            if hit:
+                self._hits += 1
+            else:
+                self._misses += 1
+            if tally is not None:
+                tally.live += 1
+        return out, hit
+
+    def _settle_locked(self, cap: int | None) -> list[torch.Tensor]:
+        """Take back released blocks, then evict down to ``cap``.
+
+        Returns the evicted blocks so that the caller frees them outside the lock.
+        """
+        released = self._released
+        while released:
+            lease = released.popleft()
+            if self._live.pop(id(lease), None) is None:
+                continue
+            key = lease.key
+            block = lease.block
+            lease.block = None
+            self._bytes_in_use -= key[1]
+            self._bytes_requested -= lease.requested
+            if lease.tally is not None:
+                lease.tally.live -= 1
+            self._free.setdefault(key, {})[id(block)] = block
+            self._cache_order[id(block)] = key
+            self._bytes_cached += key[1]
+        evicted: list[torch.Tensor] = []
+        if cap is not None:
+            order = self._cache_order
+            while self._bytes_cached > cap:
+                block_id = next(iter(order))
+                key = order.pop(block_id)
+                evicted.append(self._free[key].pop(block_id))
+                self._bytes_cached -= key[1]
+                self._evictions += 1
+        return evicted
+
+
+def get_pool(device: DeviceLike = "cpu") -> TensorPool:
+    """Return the process-wide pool of ``device``, creating it on first use.
+
+    Example::
+
+        stats = poolscope.get_pool("cpu").stats()
+        print(stats.bytes_in_use, stats.hits)
+
+    Raises:
+        TypeError, ValueError: for something that is not an available device.
+    """
+    dev = parse_device(device)
+    pool = _POOLS.get(dev)
+    if pool is None:
+        with _LOCK:
+            pool = _POOLS.get(dev)
+            if pool is None:
+                pool = _POOLS[dev] = TensorPool(dev)
+    return pool

@@ -1,0 +1,289 @@
+"""``pool_scope``: route large factory allocations of one thread into per-device pools.
+
+Interception is a TorchDispatchMode rather than a TorchFunctionMode: a
+function mode makes ``has_torch_function`` true, which silently switches
+modules such as ``nn.TransformerEncoder`` off their fast path and changes
+their output bits; a dispatch mode does not.
+
+One mode serves all nested scopes of a thread, so decorated forwards nested
+inside each other add no extra Python layer per op; the innermost scope on
+the thread's stack decides how each allocation is routed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import threading
+from typing import Any, Optional
+
+import torch
+
+from ._config import (
+    DEFAULT_THRESHOLD,
+    ByteSize,
+    DeviceLike,
+    check_bool,
+    check_name,
+    parse_capture,
+    parse_device,
+    parse_threshold,
+)
+from ._errors import EscapeError, PoolscopeError
+from ._factories import CAPTURED, Factory, plan
+from ._pool import Tally, TensorPool, get_pool
+from ._stats import ScopeStats
+from ._torch_compat import TorchDispatchMode, dispatch_mode_stack, exit_dispatch_mode, infra_mode_active
+
+__all__ = ["PoolScope", "pool_scope"]
+
+_state = threading.local()
+
+
+def _scope_stack() -> list[PoolScope]:
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    return stack
+
+
+def current_scope() -> Optional[PoolScope]:
+    """The innermost active scope of the calling thread, if any."""
+    stack = getattr(_state, "stack", None)
+    return stack[-1] if stack else None
+
+
+class _PoolMode(TorchDispatchMode):
+    def __init__(self, stack: list[PoolScope]) -> None:
+        super().__init__()
+        self._stack = stack
+        self._owner = threading.get_ident()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        spec = CAPTURED.get(func)
+        # Autograd copies the mode stack into its worker threads; a scope
+        # routes only the thread that opened it.
+        if spec is not None and self._stack and threading.get_ident() == self._owner:
+            return self._stack[-1]._route(func, spec, args, kwargs or {})
+        return func(*args, **kwargs) if kwargs else func(*args)
+
+
+class PoolScope(contextlib.ContextDecorator):
+    """A context (and decorator) inside which large tensor allocations come from a pool.
+
+    Create it with :func:`pool_scope`. ``stats`` reports what it routed.
+    """
+
+    def __init__(
+        self,
+        device: Optional[DeviceLike] = None,
+        *,
+        threshold: ByteSize = DEFAULT_THRESHOLD,
+        capture: str = "factories",
+        pool: Optional[TensorPool] = None,
+        strict: bool = False,
+        name: Optional[str] = None,
+    ) -> None:
+        self._device = None if device is None else parse_device(device)
+        self._threshold = parse_threshold(threshold)
+        self._capture = parse_capture(capture)
+        if pool is not None and not isinstance(pool, TensorPool):
+            raise TypeError(
+                f"pool must be a poolscope.TensorPool or None; got {pool!r} of type {type(pool).__name__}"
+            )
+        if pool is not None and self._device is not None and pool.device != self._device:
+            raise ValueError(
+                f"pool is on {pool.device} but device={str(self._device)!r}; pass one of them or make them agree"
+            )
+        self._pool = pool
+        self._strict = check_bool(strict, "strict")
+        self._name = check_name(name)
+        self._active = False
+        self._mode: Optional[_PoolMode] = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._tally = Tally()
+        self._pools: set[TensorPool] = set()
+        self._routed = 0
+        self._bytes = 0
+        self._hits = 0
+        self._misses = 0
+        self._escaped = 0
+
+    def _recreate_cm(self) -> PoolScope:
+        # Each call of a decorated function gets a scope of its own.
+        return PoolScope(
+            self._device,
+            threshold=self._threshold,
+            capture=self._capture,
+            pool=self._pool,
+            strict=self._strict,
+            name=self._name,
+        )
+
+    @property
+    def name(self) -> Optional[str]:
+        return self._name
+
+    @property
+    def threshold(self) -> int:
+        """Allocations needing at least this many bytes are pooled."""
+        return self._threshold
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        """The only device this scope routes, or None for every device."""
+        return self._pool.device if self._pool is not None else self._device
+
+    @property
+    def stats(self) -> ScopeStats:
+        """This scope's figures: live while it is active, final after it exits."""
+        return ScopeStats(
+            name=self._name,
+            allocations_routed=self._routed,
+            bytes_routed=self._bytes,
+            hits=self._hits,
+            misses=self._misses,
+            escaped=self._escaped if not self._active else self._tally.live,
+        )
+
+    def __repr__(self) -> str:
+        device = "None" if self.device is None else repr(str(self.device))
+        return (
+            f"PoolScope(device={device}, threshold={self._threshold}, capture={self._capture!r}, "
+            f"strict={self._strict}, name={self._name!r}, active={self._active})"
+        )
+
+    def __enter__(self) -> PoolScope:
+        if self._active:
+            raise PoolscopeError(f"{self!r} is already active; create a new pool_scope() for a nested scope")
+        self._reset()
+        stack = _scope_stack()
+        if not stack or not _mode_installed(stack):
+            mode = _PoolMode(stack)
+            mode.__enter__()
+            self._mode = mode
+        stack.append(self)
+        self._active = True
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        stack = _scope_stack()
+        if stack and stack[-1] is self:
+            stack.pop()
+        elif self in stack:
+            stack.remove(self)
+        mode, self._mode = self._mode, None
+        self._active = False
+        if mode is not None:
+            exit_dispatch_mode(mode)
+        self._finish()
+        if self._strict and self._escaped and exc_type is None:
+            raise EscapeError(
+                f"pool_scope(strict=True{'' if self._name is None else f', name={self._name!r}'}) exited with "
+                f"{self._escaped} pooled tensor(s) still alive; drop every reference to tensors created inside "
+                "the scope before it ends (return copies with .clone() outside the scope), or use strict=False"
+            )
+
+    def _finish(self) -> None:
+        for pool in self._pools:
+            pool.trim()
+        if self._strict and self._tally.live:
+            # Tensors held only by garbage cycles are not escapes.
+            gc.collect()
+            for pool in self._pools:
+                pool.trim()
+        self._escaped = self._tally.live
+
+    def _route(self, func: Any, spec: Factory, args: tuple, kwargs: dict) -> Any:
+        try:
+            request = plan(spec, args, kwargs, self._threshold)
+        except Exception:
+            request = None
+        if (
+            request is None
+            or request.nbytes == 0
+            or (self._device is not None and request.device != self._device)
+            or infra_mode_active()
+        ):
+            return func(*args, **kwargs)
+        pool = self._pool
+        if pool is None:
+            pool = get_pool(request.device)
+        elif pool.device != request.device:
+            return func(*args, **kwargs)
+        out, hit = pool.lend(request.size, request.stride, request.dtype, request.nbytes, self._tally)
+        if spec.fill is not None:
+            try:
+                spec.fill(out, args, kwargs)
+            except Exception:
+                # Let PyTorch run the call and raise its own error.
+                del out
+                return func(*args, **kwargs)
+        self._pools.add(pool)
+        self._routed += 1
+        self._bytes += request.nbytes
+        if hit:
+            self._hits += 1
+        else:
+            self._misses += 1
+        return out
+
+
+def _mode_installed(stack: list[PoolScope]) -> bool:
+    modes = dispatch_mode_stack()
+    return any(scope._mode is not None and scope._mode in modes for scope in stack)
+
+
+def pool_scope(
+    device: Optional[DeviceLike] = None,
+    *,
+    threshold: ByteSize = DEFAULT_THRESHOLD,
+    capture: str = "factories",
+    pool: Optional[TensorPool] = None,
+    strict: bool = False,
+    name: Optional[str] = None,
+) -> PoolScope:
+    """Serve large tensor allocations of this thread from a pool, and give them back automatically.
+
+    Inside the scope every factory call (``torch.empty``, ``zeros``, ``ones``,
+    ``full``, ``rand``, ``randn``, ``randint``, ``empty_strided``, their
+    ``*_like`` forms, ``Tensor.new_*``, ``arange``, ``eye``, ``linspace``)
+    whose result needs at least ``threshold`` bytes gets its memory from the
+    pool of its device. A block returns to the pool the moment the last
+    reference to its memory dies (views, storages and tensors saved for
+    backward count); it is never lent while referenced. Results are
+    bit-identical to running without the scope.
+
+    Example::
+
+        with poolscope.pool_scope() as scope:
+            out = model(x)
+        print(scope.stats.allocations_routed, scope.stats.escaped)
+
+        @poolscope.pool_scope(threshold="4MiB")
+        def step(x): ...
+
+    Args:
+        device: route only allocations on this device; None routes every device.
+        threshold: smallest allocation pooled, in bytes or as "1MiB", "512KB"
+            (KB=1000, KiB=1024); default 1 MiB. Exactly-threshold requests are pooled.
+        capture: "factories" (default). "all" is reserved for routing op outputs.
+        pool: a :class:`TensorPool` to use instead of the device's shared pool.
+        strict: raise :class:`EscapeError` at exit if pooled tensors are still alive.
+        name: a label for reports.
+
+    Returns:
+        A :class:`PoolScope`; ``with pool_scope() as s`` binds it, ``s.stats`` holds its figures.
+
+    Raises:
+        TypeError, ValueError: for a bad argument, naming it and what is allowed.
+        NotImplementedError: for ``capture="all"`` in this release.
+
+    Limits:
+        The scope belongs to the thread that entered it. Meta and fake tensors,
+        ``out=`` calls, non-strided layouts and pinned memory are never pooled.
+        A pooled tensor's storage cannot be grown with ``resize_``.
+    """
+    return PoolScope(device, threshold=threshold, capture=capture, pool=pool, strict=strict, name=name)
