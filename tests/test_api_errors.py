@@ -1,0 +1,105 @@
+"""Bad input gets a TypeError/ValueError that names the value, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import poolscope
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"threshold": -1}, ValueError, r"threshold must be >= 0 bytes; got -1"),
+        ({"threshold": "1 furlong"}, ValueError, r"threshold must be .*'1MiB'.*got '1 furlong'"),
+        ({"threshold": "MiB"}, ValueError, r"got 'MiB'"),
+        ({"threshold": 1.5}, TypeError, r"threshold must be .* got 1.5 of type float"),
+        ({"threshold": float("nan")}, TypeError, r"got nan of type float"),
+        ({"threshold": True}, TypeError, r"got True of type bool"),
+        ({"threshold": None}, TypeError, r"got None of type NoneType"),
+        ({"capture": "everything"}, ValueError, r"capture must be one of \('factories', 'all'\); got 'everything'"),
+        ({"capture": 3}, TypeError, r"capture must be one of"),
+        ({"device": "tpu9"}, ValueError, r"device 'tpu9' is not a device"),
+        ({"device": "meta"}, ValueError, r"device 'meta' has no memory to pool"),
+        ({"device": 1.0}, TypeError, r"device must be a str, torch.device or int"),
+        ({"pool": "cpu"}, TypeError, r"pool must be a poolscope.TensorPool or None; got 'cpu'"),
+        ({"strict": 1}, TypeError, r"strict must be True or False; got 1"),
+        ({"name": 5}, TypeError, r"name must be a str or None; got 5"),
+    ],
+)
+def test_pool_scope_rejects_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        poolscope.pool_scope(**kwargs)
+    with pytest.raises(error, match=match):
+        poolscope.pooled_forward(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_unavailable_device_is_named():
+    with pytest.raises(ValueError, match=r"device 'cuda' is not available on this machine; use 'cpu'"):
+        poolscope.pool_scope("cuda")
+    with pytest.raises(ValueError, match=r"'cuda:0' is not available"):
+        poolscope.get_pool("cuda:0")
+
+
+def test_capture_all_is_reserved():
+    with pytest.raises(NotImplementedError, match=r"capture='all' .* reserved .* use capture='factories'"):
+        poolscope.pool_scope(capture="all")
+
+
+def test_threshold_units():
+    assert poolscope.pool_scope(threshold="1MiB").threshold == 1 << 20
+    assert poolscope.pool_scope(threshold="512KB").threshold == 512_000
+    assert poolscope.pool_scope(threshold="512KiB").threshold == 512 * 1024
+    assert poolscope.pool_scope(threshold="2GB").threshold == 2 * 10**9
+    assert poolscope.pool_scope(threshold="1.5 mib").threshold == 3 << 19
+    assert poolscope.pool_scope(threshold="100").threshold == 100
+    assert poolscope.pool_scope(threshold=0).threshold == 0
+
+
+def test_pool_and_device_must_agree():
+    pool = poolscope.TensorPool("cpu")
+    assert poolscope.pool_scope("cpu", pool=pool).device == torch.device("cpu")
+
+
+def test_max_cached_bytes_is_validated():
+    pool = poolscope.TensorPool("cpu")
+    with pytest.raises(ValueError, match=r"max_cached_bytes must be >= 0 bytes; got -5"):
+        pool.max_cached_bytes = -5
+    with pytest.raises(TypeError, match=r"max_cached_bytes must be .* got 2.5"):
+        pool.max_cached_bytes = 2.5
+    with pytest.raises(TypeError, match=r"max_cached_bytes"):
+        poolscope.TensorPool("cpu", max_cached_bytes=[1])
+    pool.max_cached_bytes = "1GiB"
+    assert pool.max_cached_bytes == 1 << 30
+    pool.max_cached_bytes = None
+    assert pool.max_cached_bytes is None
+
+
+def test_get_pool_is_one_per_device():
+    assert poolscope.get_pool() is poolscope.get_pool("cpu") is poolscope.get_pool(torch.device("cpu"))
+    with pytest.raises(TypeError, match=r"device must be a str"):
+        poolscope.get_pool(None)
+
+
+def test_active_scope_cannot_be_entered_twice():
+    scope = poolscope.pool_scope()
+    with scope:
+        with pytest.raises(poolscope.PoolscopeError, match=r"already active"):
+            with scope:
+                pass
+    with scope:  # sequential reuse is fine
+        pass
+
+
+def test_exception_inside_scope_propagates_and_cleans_up():
+    with pytest.raises(KeyError):
+        with poolscope.pool_scope():
+            raise KeyError("boom")
+    # the autouse fixture checks that no mode and no scope remain
+
+
+def test_errors_are_runtime_errors_for_users_who_catch_broadly():
+    assert issubclass(poolscope.EscapeError, poolscope.PoolscopeError)
+    assert issubclass(poolscope.PoolscopeError, RuntimeError)
