@@ -160,6 +160,8 @@ def _storage_bytes(size: Sequence[int], stride: Sequence[int], itemsize: int) ->
 def _resolve_device(device: Optional[torch.device], default: torch.device) -> torch.device:
     if device is None:
         return default
+    if type(device) is torch.device and (device.index is not None or device.type == "cpu"):
+        return device
     device = torch.device(device)
     if device.index is None and device.type != "cpu":
         module = getattr(torch, device.type)

@@ -25,7 +25,7 @@ import torch
 
 from ._config import DeviceLike, parse_cap, parse_device
 from ._stats import PoolStats
-from ._torch_compat import current_stream_key, no_python_dispatch, storage_alias
+from ._torch_compat import current_stream_key, dlpack_keeps, no_python_dispatch, storage_alias
 
 __all__ = ["TensorPool", "get_pool"]
 
@@ -221,11 +221,17 @@ class TensorPool:
         with no_python_dispatch():
             if block is None:
                 block = torch.empty(cls, dtype=torch.uint8, device=self._device)
-            sentinel = block[:nbytes]
-            alias = storage_alias(sentinel)
-            out = torch.empty((0,), dtype=dtype, device=self._device)
-            out.set_(alias.untyped_storage(), 0, size, stride)
+            if dlpack_keeps(dtype):
+                # The DLPack import carries dtype, size and strides over, and
+                # sizes its new storage exactly as empty_strided would.
+                sentinel = block.view(dtype).as_strided(size, stride)
+                out = storage_alias(sentinel)
+            else:
+                sentinel = block[:nbytes]
+                out = torch.empty((0,), dtype=dtype, device=self._device)
+                out.set_(storage_alias(sentinel).untyped_storage(), 0, size, stride)
         lease = _Lease(sentinel, self._released.append, block, key, nbytes, tally)
+        del sentinel
         with _LOCK:
             self._live[id(lease)] = lease
             self._bytes_in_use += cls
@@ -283,6 +289,9 @@ def get_pool(device: DeviceLike = "cpu") -> TensorPool:
     Raises:
         TypeError, ValueError: for something that is not an available device.
     """
+    pool = _POOLS.get(device) if isinstance(device, torch.device) else None
+    if pool is not None:
+        return pool
     dev = parse_device(device)
     pool = _POOLS.get(dev)
     if pool is None:

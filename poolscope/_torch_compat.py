@@ -6,6 +6,7 @@ A torch upgrade that moves one of these breaks this module first, and
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ __all__ = [
     "TESTED_TORCH",
     "TorchDispatchMode",
     "current_stream_key",
+    "dlpack_keeps",
     "dispatch_mode_stack",
     "exit_dispatch_mode",
     "infra_mode_active",
@@ -86,6 +88,18 @@ def storage_alias(view: torch.Tensor) -> torch.Tensor:
     object sharing the new storage dies: that is the release signal.
     """
     return from_dlpack(to_dlpack(view))
+
+
+@functools.lru_cache(maxsize=None)
+def dlpack_keeps(dtype: torch.dtype) -> bool:
+    """Whether a DLPack round trip keeps ``dtype`` and odd strides (size-1 dims) exactly."""
+    try:
+        with no_python_dispatch():
+            probe = torch.empty(4, dtype=dtype).as_strided((2, 1), (1, 7))
+            out = storage_alias(probe)
+    except Exception:
+        return False
+    return out.dtype == dtype and out.stride() == (1, 7)
 
 
 def current_stream_key(device: torch.device) -> int:
