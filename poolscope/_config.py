@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 import re
-from typing import Union
+from collections.abc import Callable, Mapping
+from typing import Optional, Union
 
 import torch
 
-DEFAULT_THRESHOLD = 1 << 20  # 1 MiB, the seed's rule
+BUILTIN_THRESHOLD = 1 << 20  # 1 MiB, the seed's rule
 CAPTURE_MODES = ("factories", "all")
 
 ByteSize = Union[int, str]
@@ -104,3 +106,50 @@ def check_name(value: object) -> str | None:
     if value is not None and not isinstance(value, str):
         raise TypeError(f"name must be a str or None; got {value!r} of type {type(value).__name__}")
     return value
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def _env_flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "")
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"environment variable {name}={raw!r} is not a switch; use one of {_TRUE + _FALSE[:-1]}")
+
+
+def _env_bytes(env: Mapping[str, str], name: str, parse: Callable[[object], Optional[int]]) -> Optional[int]:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        return parse(raw)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"environment variable {name}={raw!r} is invalid: {exc}") from None
+
+
+def _env_cap(env: Mapping[str, str]) -> Optional[int]:
+    raw = env.get("POOLSCOPE_MAX_CACHED", "")
+    if raw.strip().lower() in ("none", "unlimited"):
+        return None
+    return _env_bytes(env, "POOLSCOPE_MAX_CACHED", parse_cap)
+
+
+def load_environment(env: Mapping[str, str]) -> tuple[bool, int, Optional[int]]:
+    """(disabled, default threshold, default cap of the shared pools) from ``env``.
+
+    POOLSCOPE_DISABLE: 1/true/yes/on turns every scope into a no-op; 0/false/no/off or unset does not.
+    POOLSCOPE_THRESHOLD: the default threshold, e.g. "4MiB".
+    POOLSCOPE_MAX_CACHED: the default max_cached_bytes of get_pool()'s pools, or "none".
+    """
+    disabled = _env_flag(env, "POOLSCOPE_DISABLE")
+    threshold = _env_bytes(env, "POOLSCOPE_THRESHOLD", parse_threshold)
+    return disabled, BUILTIN_THRESHOLD if threshold is None else threshold, _env_cap(env)
+
+
+# Read once, at import: a bad value fails there, naming the variable.
+DISABLED, DEFAULT_THRESHOLD, DEFAULT_MAX_CACHED = load_environment(os.environ)

@@ -31,6 +31,7 @@ def pooled_forward(
     pool: Optional[TensorPool] = ...,
     strict: bool = ...,
     name: Optional[str] = ...,
+    enable_profiling: bool = ...,
 ) -> Callable[[F], F]: ...
 
 
@@ -43,6 +44,7 @@ def pooled_forward(
     pool: Optional[TensorPool] = None,
     strict: bool = False,
     name: Optional[str] = None,
+    enable_profiling: bool = False,
 ) -> Any:
     """Decorate a forward (or any function) so that each call runs in its own :func:`pool_scope`.
 
@@ -63,8 +65,8 @@ def pooled_forward(
 
     Args:
         wrapped: the function; leave it out to pass keyword arguments.
-        device, threshold, capture, pool, strict: as for :func:`pool_scope`.
-        name: a label for reports; defaults to the function's qualified name.
+        device, threshold, capture, pool, strict, enable_profiling: as for :func:`pool_scope`.
+        name: the row in :func:`report`; defaults to the function's qualified name.
 
     Returns:
         The wrapped function, or a decorator when called with keywords only.
@@ -74,7 +76,16 @@ def pooled_forward(
             something that is not callable; TypeError/ValueError for bad settings.
     """
     if wrapped is None:
-        PoolScope(device, threshold=threshold, capture=capture, pool=pool, strict=strict, name=name)
+        # Fail here, at decoration, on a bad setting.
+        PoolScope(
+            device,
+            threshold=threshold,
+            capture=capture,
+            pool=pool,
+            strict=strict,
+            name=name,
+            enable_profiling=enable_profiling,
+        )
         return functools.partial(
             pooled_forward,
             device=device,
@@ -83,6 +94,7 @@ def pooled_forward(
             pool=pool,
             strict=strict,
             name=name,
+            enable_profiling=enable_profiling,
         )
     if isinstance(wrapped, type):
         raise TypeError(
@@ -104,6 +116,7 @@ def pooled_forward(
         pool=pool,
         strict=strict,
         name=name if name is not None else getattr(function, "__qualname__", None),
+        enable_profiling=enable_profiling,
     )
 
     @wrapt.decorator

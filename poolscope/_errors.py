@@ -9,3 +9,7 @@ class PoolscopeError(RuntimeError):
 
 class EscapeError(PoolscopeError):
     """A ``strict=True`` scope exited while tensors it pooled were still alive."""
+
+
+class PoolscopeWarning(UserWarning):
+    """Suspicious use: a scope that never routes anything, a cap below the threshold."""

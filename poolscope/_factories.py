@@ -186,7 +186,7 @@ def _meta_stride_sized(size: tuple, memory_format: Any) -> tuple:
 
 
 @functools.lru_cache(maxsize=1024)
-def _meta_dtype_of_scalar(kind: type, default: torch.dtype, value: Any) -> torch.dtype:
+def _meta_dtype_of_scalar(kind: str, default: torch.dtype, value: Any) -> torch.dtype:
     with no_python_dispatch():
         return torch.full((), value, device="meta").dtype
 
@@ -214,49 +214,24 @@ def plan(spec: Factory, args: tuple, kwargs: dict, threshold: int) -> Optional[R
     """
     if kwargs.get("layout") not in (None, torch.strided) or kwargs.get("pin_memory"):
         return None
-    dtype = kwargs.get("dtype")
     kind = spec.kind
-    if kind == "like" or kind == "new":
+    if kind == "like":
+        return _plan_like(args[0], kwargs, threshold)
+    dtype = kwargs.get("dtype")
+    if kind == "new":
         src = args[0]
         if not _plain_tensor(src):
             return None
         device = _resolve_device(kwargs.get("device"), src.device)
         dtype = dtype or src.dtype
-        if kind == "like":
-            size = tuple(src.shape)
-            memory_format = kwargs.get("memory_format")
-            if memory_format is None or memory_format is torch.preserve_format:
-                stride = src.stride() if src.is_contiguous() else None
-            elif memory_format is torch.contiguous_format:
-                stride = contiguous_strides(size)
-            else:
-                stride = None
-            nbytes = math.prod(size) * dtype.itemsize  # *_like outputs are always dense
-            if nbytes < threshold:
-                return None
-            if stride is None:
-                stride = _meta_stride_like(src.shape, src.stride(), dtype, memory_format)
-            return Request(device, size, tuple(stride), dtype, nbytes)
     else:
         device = _resolve_device(kwargs.get("device"), _CPU)
     if kind == "arange":
-        try:
-            start, end, step = (0, args[0], 1) if len(args) == 1 else (*args, 1)[:3]
-            count = math.ceil(abs((float(end) - float(start)) / float(step)))
-        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
-            return None
-        if count * (dtype or torch.complex128).itemsize < threshold:
-            return None
-        if not all(type(a) in (int, float, bool) for a in args):
-            return None
-        size, dtype = _meta_arange(tuple(args), dtype)
-        stride = contiguous_strides(size)
-        return _sized_request(device, size, stride, dtype, threshold)
+        return _plan_arange(args, dtype, device, threshold)
     if kind == "eye":
-        n = args[0]
-        size = _dims((n, args[1] if len(args) > 1 else n))
+        size = _dims((args[0], args[1] if len(args) > 1 else args[0]))
     elif kind == "linspace":
-        if any(isinstance(a, complex) for a in args[:2]) and dtype is None:
+        if dtype is None and any(isinstance(a, complex) for a in args[:2]):
             return None
         size = _dims((args[2],))
     else:
@@ -264,32 +239,70 @@ def plan(spec: Factory, args: tuple, kwargs: dict, threshold: int) -> Optional[R
     if size is None:
         return None
     if dtype is None:
-        if spec.dtype_from_arg is not None:
-            value = args[spec.dtype_from_arg]
-            default = torch.get_default_dtype()
-            if type(value) is bool:
-                dtype = torch.bool
-            elif type(value) is int:
-                dtype = torch.int64
-            elif type(value) is float:
-                dtype = default
-            else:
-                dtype = _meta_dtype_of_scalar(type(value), default, value)
-        else:
-            dtype = spec.default_dtype or torch.get_default_dtype()
+        dtype = _inferred_dtype(spec, args)
+    memory_format = kwargs.get("memory_format")
+    stride: Optional[tuple[int, ...]]
     if spec.stride_arg is not None:
         stride = _dims(args[spec.stride_arg])
         if stride is None or len(stride) != len(size):
             return None
+    elif memory_format is None or memory_format is torch.contiguous_format:
+        stride = contiguous_strides(size)
+    elif memory_format is torch.preserve_format:
+        return None  # an error for these ops: let PyTorch raise it
     else:
-        memory_format = kwargs.get("memory_format")
-        if memory_format is None or memory_format is torch.contiguous_format:
-            stride = contiguous_strides(size)
-        elif memory_format is torch.preserve_format:
-            return None  # an error for these ops: let PyTorch raise it
-        else:
-            stride = None
-    return _sized_request(device, size, stride, dtype, threshold, kwargs.get("memory_format"))
+        stride = None
+    return _sized_request(device, size, stride, dtype, threshold, memory_format)
+
+
+def _inferred_dtype(spec: Factory, args: tuple) -> torch.dtype:
+    default = torch.get_default_dtype()
+    if spec.dtype_from_arg is None:
+        return spec.default_dtype or default
+    value = args[spec.dtype_from_arg]  # full(): the fill value decides, as in PyTorch
+    if type(value) is bool:
+        return torch.bool
+    if type(value) is int:
+        return torch.int64
+    if type(value) is float:
+        return default
+    return _meta_dtype_of_scalar(type(value).__name__, default, value)
+
+
+def _plan_like(src: object, kwargs: dict, threshold: int) -> Optional[Request]:
+    if not isinstance(src, torch.Tensor) or not _plain_tensor(src):
+        return None
+    device = _resolve_device(kwargs.get("device"), src.device)
+    dtype = kwargs.get("dtype") or src.dtype
+    size = tuple(src.shape)
+    nbytes = math.prod(size) * dtype.itemsize  # *_like outputs are always dense
+    if nbytes < threshold:
+        return None
+    memory_format = kwargs.get("memory_format")
+    if (memory_format is None or memory_format is torch.preserve_format) and src.is_contiguous():
+        stride = tuple(src.stride())  # empty_like keeps a dense input's strides, size-1 dims too
+    elif memory_format is torch.contiguous_format:
+        stride = contiguous_strides(size)
+    else:
+        stride = _meta_stride_like(src.shape, tuple(src.stride()), dtype, memory_format)
+    return Request(device, size, stride, dtype, nbytes)
+
+
+def _plan_arange(
+    args: tuple, dtype: Optional[torch.dtype], device: torch.device, threshold: int
+) -> Optional[Request]:
+    try:
+        start, end, step = (0, args[0], 1) if len(args) == 1 else (*args, 1)[:3]
+        count = math.ceil(abs((float(end) - float(start)) / float(step)))
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        return None
+    # An upper bound first, so that small aranges leave before the meta call.
+    if count * (dtype or torch.complex128).itemsize < threshold:
+        return None
+    if not all(type(a) in (int, float, bool) for a in args):
+        return None
+    size, dtype = _meta_arange(tuple(args), dtype)
+    return _sized_request(device, size, contiguous_strides(size), dtype, threshold)
 
 
 def _sized_request(

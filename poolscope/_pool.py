@@ -16,14 +16,17 @@ reads or changes anything.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 
-from ._config import DeviceLike, parse_cap, parse_device
+from ._config import DEFAULT_MAX_CACHED, DeviceLike, parse_cap, parse_device
 from ._stats import PoolStats
 from ._torch_compat import current_stream_key, dlpack_keeps, no_python_dispatch, storage_alias
 
@@ -33,7 +36,11 @@ __all__ = ["TensorPool", "get_pool"]
 # of several devices.
 _LOCK = threading.Lock()
 _POOLS: dict[torch.device, TensorPool] = {}
+_ALL_POOLS: weakref.WeakSet[TensorPool] = weakref.WeakSet()
 _fork_hook_installed = False
+_log = logging.getLogger("poolscope")
+
+TRACE_LIMIT = 100_000  # events kept per pool while profiling
 
 _SMALL_GRANULE = 512
 _STEPS_PER_DOUBLING = 4  # size classes 1, 1.25, 1.5, 1.75 x 2**k: waste < 1.25x
@@ -71,28 +78,38 @@ def _install_fork_hook() -> None:
 
 
 class Tally:
-    """Blocks lent on behalf of one scope and still alive."""
+    """The blocks lent on behalf of one scope that are still alive, and their peak."""
 
-    __slots__ = ("live",)
+    __slots__ = ("leases", "live_bytes", "peak_bytes")
 
     def __init__(self) -> None:
-        self.live = 0
+        self.leases: dict[int, Lease] = {}
+        self.live_bytes = 0
+        self.peak_bytes = 0
 
 
-class _Lease(weakref.ref):
-    """A weak reference to a lent block's sentinel, carrying what to give back."""
+class Lease(weakref.ref):
+    """A weak reference to a lent block's sentinel, carrying what to give back.
 
-    __slots__ = ("block", "key", "requested", "tally")
+    ``shape``, ``dtype`` and (when profiling) ``frames`` describe the tensor
+    that took the block, for leak reports and snapshots.
+    """
+
+    __slots__ = ("block", "key", "requested", "tally", "shape", "dtype", "frames", "freed_ns")
 
     def __new__(cls, sentinel, callback, *_):  # type: ignore[no-untyped-def]
         return super().__new__(cls, sentinel, callback)
 
-    def __init__(self, sentinel, callback, block, key, requested, tally):  # type: ignore[no-untyped-def]
+    def __init__(self, sentinel, callback, block, key, requested, tally, shape, dtype, frames):  # type: ignore[no-untyped-def]
         super().__init__(sentinel, callback)
         self.block = block
         self.key = key
         self.requested = requested
         self.tally = tally
+        self.shape = shape
+        self.dtype = dtype
+        self.frames = frames
+        self.freed_ns = 0
 
 
 class TensorPool:
@@ -127,8 +144,8 @@ class TensorPool:
         self._cap = parse_cap(max_cached_bytes)
         self._free: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
         self._cache_order: dict[int, tuple[int, int]] = {}  # id(block) -> key, oldest first
-        self._live: dict[int, _Lease] = {}
-        self._released: collections.deque[_Lease] = collections.deque()
+        self._live: dict[int, Lease] = {}
+        self._released: collections.deque[Lease] = collections.deque()
         self._bytes_in_use = 0
         self._bytes_requested = 0
         self._bytes_cached = 0
@@ -136,6 +153,9 @@ class TensorPool:
         self._hits = 0
         self._misses = 0
         self._evictions = 0
+        self._trace: Optional[collections.deque[dict[str, Any]]] = None  # created by the first profiled lend
+        self.warned_cap = False
+        _ALL_POOLS.add(self)
 
     @property
     def device(self) -> torch.device:
@@ -200,11 +220,14 @@ class TensorPool:
         stride: Sequence[int],
         dtype: torch.dtype,
         nbytes: int,
-        tally: Tally | None = None,
+        tally: Optional[Tally] = None,
+        frames: Optional[list[dict[str, Any]]] = None,
     ) -> tuple[torch.Tensor, bool]:
         """Return an uninitialised tensor over a pooled block and whether it was a cache hit.
 
-        ``nbytes`` must be the storage size that ``size``/``stride``/``dtype`` need.
+        ``nbytes`` must be the storage size that ``size``/``stride``/``dtype``
+        need. ``frames`` (Python frames, innermost first) turns on tracing of
+        this block for :func:`poolscope.snapshot`.
         """
         cls = size_class(nbytes)
         key = (current_stream_key(self._device), cls)
@@ -221,6 +244,8 @@ class TensorPool:
         with no_python_dispatch():
             if block is None:
                 block = torch.empty(cls, dtype=torch.uint8, device=self._device)
+                if _log.isEnabledFor(logging.DEBUG):
+                    _log.debug("pool %s grew by a %d-byte block for a %d-byte request", self._device, cls, nbytes)
             if dlpack_keeps(dtype):
                 # The DLPack import carries dtype, size and strides over, and
                 # sizes its new storage exactly as empty_strided would.
@@ -230,7 +255,8 @@ class TensorPool:
                 sentinel = block[:nbytes]
                 out = torch.empty((0,), dtype=dtype, device=self._device)
                 out.set_(storage_alias(sentinel).untyped_storage(), 0, size, stride)
-        lease = _Lease(sentinel, self._released.append, block, key, nbytes, tally)
+        callback = self._released.append if frames is None else self._release_traced
+        lease = Lease(sentinel, callback, block, key, nbytes, tally, size, dtype, frames)
         del sentinel
         with _LOCK:
             self._live[id(lease)] = lease
@@ -243,8 +269,76 @@ class TensorPool:
             else:
                 self._misses += 1
             if tally is not None:
-                tally.live += 1
+                tally.leases[id(lease)] = lease
+                tally.live_bytes += cls
+                if tally.live_bytes > tally.peak_bytes:
+                    tally.peak_bytes = tally.live_bytes
+            if frames is not None:
+                self._record_locked("segment_alloc" if not hit else None, lease, frames)
         return out, hit
+
+    def _release_traced(self, lease: Lease) -> None:
+        lease.freed_ns = time.time_ns()
+        self._released.append(lease)
+
+    def _record_locked(self, segment_action: Optional[str], lease: Lease, frames: list[dict[str, Any]]) -> None:
+        if self._trace is None:
+            self._trace = collections.deque(maxlen=TRACE_LIMIT)
+        now = time.time_ns() // 1000
+        addr, stream, cls = lease.block.data_ptr(), lease.key[0], lease.key[1]
+        if segment_action is not None:
+            self._trace.append(
+                {"action": segment_action, "addr": addr, "size": cls, "stream": stream, "time_us": now, "frames": frames}
+            )
+        self._trace.append({"action": "alloc", "addr": addr, "size": cls, "stream": stream, "time_us": now, "frames": frames})
+
+    def segments(self) -> list[dict[str, Any]]:
+        """This pool's blocks in PyTorch's memory-snapshot segment format (one block per segment)."""
+        with _LOCK:
+            evicted = self._settle_locked(self._cap)
+            blocks: list[tuple[torch.Tensor, Optional[Lease]]] = [
+                (lease.block, lease) for lease in self._live.values() if lease.block is not None
+            ]
+            blocks += [(self._free[key][block_id], None) for block_id, key in self._cache_order.items()]
+            segments = []
+            for block, lease in blocks:
+                size = block.numel()
+                used = lease.requested if lease is not None else 0
+                frames = (lease.frames or []) if lease is not None else []
+                segments.append(
+                    {
+                        "device": self._device.index or 0,
+                        "address": block.data_ptr(),
+                        "total_size": size,
+                        "allocated_size": used,
+                        "active_size": used,
+                        "requested_size": used,
+                        "stream": lease.key[0] if lease is not None else 0,
+                        "segment_type": "large",
+                        "segment_pool_id": (0, 0),
+                        "is_expandable": False,
+                        "frames": [],
+                        "blocks": [
+                            {
+                                "address": block.data_ptr(),
+                                "size": size,
+                                "requested_size": used,
+                                "state": "active_allocated" if lease is not None else "inactive",
+                                "frames": frames,
+                            }
+                        ],
+                    }
+                )
+        del evicted
+        return segments
+
+    def trace(self) -> list[dict[str, Any]]:
+        """Alloc/free events recorded while profiling, oldest first (empty when never profiled)."""
+        with _LOCK:
+            evicted = self._settle_locked(self._cap)
+            events = list(self._trace or ())
+        del evicted
+        return events
 
     def _settle_locked(self, cap: int | None) -> list[torch.Tensor]:
         """Take back released blocks, then evict down to ``cap``.
@@ -261,8 +355,17 @@ class TensorPool:
             lease.block = None
             self._bytes_in_use -= key[1]
             self._bytes_requested -= lease.requested
-            if lease.tally is not None:
-                lease.tally.live -= 1
+            tally = lease.tally
+            if tally is not None:
+                del tally.leases[id(lease)]
+                tally.live_bytes -= key[1]
+            if lease.frames is not None and self._trace is not None:
+                when = lease.freed_ns // 1000
+                addr = block.data_ptr()
+                for action in ("free_requested", "free_completed"):
+                    self._trace.append(
+                        {"action": action, "addr": addr, "size": key[1], "stream": key[0], "time_us": when, "frames": lease.frames}
+                    )
             self._free.setdefault(key, {})[id(block)] = block
             self._cache_order[id(block)] = key
             self._bytes_cached += key[1]
@@ -272,9 +375,19 @@ class TensorPool:
             while self._bytes_cached > cap:
                 block_id = next(iter(order))
                 key = order.pop(block_id)
-                evicted.append(self._free[key].pop(block_id))
+                block = self._free[key].pop(block_id)
+                evicted.append(block)
                 self._bytes_cached -= key[1]
                 self._evictions += 1
+                if self._trace is not None:
+                    self._trace.append(
+                        {"action": "segment_free", "addr": block.data_ptr(), "size": key[1], "stream": key[0],
+                         "time_us": time.time_ns() // 1000, "frames": []}
+                    )
+            if evicted and _log.isEnabledFor(logging.DEBUG):
+                _log.debug(
+                    "pool %s evicted %d block(s) to stay under max_cached_bytes=%s", self._device, len(evicted), cap
+                )
         return evicted
 
 
@@ -298,5 +411,11 @@ def get_pool(device: DeviceLike = "cpu") -> TensorPool:
         with _LOCK:
             pool = _POOLS.get(dev)
             if pool is None:
-                pool = _POOLS[dev] = TensorPool(dev)
+                pool = _POOLS[dev] = TensorPool(dev, max_cached_bytes=DEFAULT_MAX_CACHED)
     return pool
+
+
+def all_pools() -> list[TensorPool]:
+    """Every pool alive in this process: the shared ones first, then user-made ones."""
+    shared = list(_POOLS.values())
+    return shared + [p for p in list(_ALL_POOLS) if p not in shared]

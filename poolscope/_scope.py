@@ -15,10 +15,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import threading
+import time
+import warnings
 from typing import Any, Optional
 
 import torch
 
+from . import _config, _report
 from ._config import (
     DEFAULT_THRESHOLD,
     ByteSize,
@@ -29,11 +32,18 @@ from ._config import (
     parse_device,
     parse_threshold,
 )
-from ._errors import EscapeError, PoolscopeError
+from ._errors import EscapeError, PoolscopeError, PoolscopeWarning
 from ._factories import CAPTURED, Factory, plan
 from ._pool import Tally, TensorPool, get_pool
+from ._snapshot import capture_frames
 from ._stats import ScopeStats
-from ._torch_compat import TorchDispatchMode, dispatch_mode_stack, exit_dispatch_mode, infra_mode_active
+from ._torch_compat import (
+    TorchDispatchMode,
+    dispatch_mode_stack,
+    exit_dispatch_mode,
+    infra_mode_active,
+    profiler_enabled,
+)
 
 __all__ = ["PoolScope", "pool_scope"]
 
@@ -83,6 +93,7 @@ class PoolScope(contextlib.ContextDecorator):
         pool: Optional[TensorPool] = None,
         strict: bool = False,
         name: Optional[str] = None,
+        enable_profiling: bool = False,
     ) -> None:
         self._device = None if device is None else parse_device(device)
         self._threshold = parse_threshold(threshold)
@@ -98,8 +109,10 @@ class PoolScope(contextlib.ContextDecorator):
         self._pool = pool
         self._strict = check_bool(strict, "strict")
         self._name = check_name(name)
+        self._profiling = check_bool(enable_profiling, "enable_profiling")
         self._active = False
         self._mode: Optional[_PoolMode] = None
+        self._range: Any = None
         self._reset()
 
     def _reset(self) -> None:
@@ -110,6 +123,7 @@ class PoolScope(contextlib.ContextDecorator):
         self._hits = 0
         self._misses = 0
         self._escaped = 0
+        self._alloc_seconds = 0.0
 
     def _recreate_cm(self) -> PoolScope:
         # Each call of a decorated function gets a scope of its own.
@@ -120,6 +134,7 @@ class PoolScope(contextlib.ContextDecorator):
             pool=self._pool,
             strict=self._strict,
             name=self._name,
+            enable_profiling=self._profiling,
         )
 
     @property
@@ -145,7 +160,9 @@ class PoolScope(contextlib.ContextDecorator):
             bytes_routed=self._bytes,
             hits=self._hits,
             misses=self._misses,
-            escaped=self._escaped if not self._active else self._tally.live,
+            escaped=self._escaped if not self._active else len(self._tally.leases),
+            peak_bytes_in_use=self._tally.peak_bytes,
+            alloc_seconds=self._alloc_seconds,
         )
 
     def __repr__(self) -> str:
@@ -159,13 +176,18 @@ class PoolScope(contextlib.ContextDecorator):
         if self._active:
             raise PoolscopeError(f"{self!r} is already active; create a new pool_scope() for a nested scope")
         self._reset()
+        self._active = True
+        if _config.DISABLED:
+            return self
+        if profiler_enabled():
+            self._range = torch.autograd.profiler.record_function(f"poolscope:{self._name or 'pool_scope'}")
+            self._range.__enter__()
         stack = _scope_stack()
         if not stack or not _mode_installed(stack):
             mode = _PoolMode(stack)
             mode.__enter__()
             self._mode = mode
         stack.append(self)
-        self._active = True
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -178,7 +200,12 @@ class PoolScope(contextlib.ContextDecorator):
         self._active = False
         if mode is not None:
             exit_dispatch_mode(mode)
+        if self._range is not None:
+            self._range.__exit__(None, None, None)
+            self._range = None
         self._finish()
+        if self._name is not None and not _config.DISABLED:
+            _report.record(self.stats, self._threshold)
         if self._strict and self._escaped and exc_type is None:
             raise EscapeError(
                 f"pool_scope(strict=True{'' if self._name is None else f', name={self._name!r}'}) exited with "
@@ -189,12 +216,12 @@ class PoolScope(contextlib.ContextDecorator):
     def _finish(self) -> None:
         for pool in self._pools:
             pool.trim()
-        if self._strict and self._tally.live:
+        if self._strict and self._tally.leases:
             # Tensors held only by garbage cycles are not escapes.
             gc.collect()
             for pool in self._pools:
                 pool.trim()
-        self._escaped = self._tally.live
+        self._escaped = len(self._tally.leases)
 
     def _route(self, func: Any, spec: Factory, args: tuple, kwargs: dict) -> Any:
         try:
@@ -213,7 +240,12 @@ class PoolScope(contextlib.ContextDecorator):
             pool = get_pool(request.device)
         elif pool.device != request.device:
             return func(*args, **kwargs)
-        out, hit = pool.lend(request.size, request.stride, request.dtype, request.nbytes, self._tally)
+        if pool not in self._pools:
+            self._first_use(pool)
+        frames = capture_frames(2) if self._profiling else None
+        start = time.perf_counter()
+        out, hit = pool.lend(request.size, request.stride, request.dtype, request.nbytes, self._tally, frames)
+        self._alloc_seconds += time.perf_counter() - start
         if spec.fill is not None:
             try:
                 spec.fill(out, args, kwargs)
@@ -221,7 +253,6 @@ class PoolScope(contextlib.ContextDecorator):
                 # Let PyTorch run the call and raise its own error.
                 del out
                 return func(*args, **kwargs)
-        self._pools.add(pool)
         self._routed += 1
         self._bytes += request.nbytes
         if hit:
@@ -229,6 +260,19 @@ class PoolScope(contextlib.ContextDecorator):
         else:
             self._misses += 1
         return out
+
+
+    def _first_use(self, pool: TensorPool) -> None:
+        self._pools.add(pool)
+        cap = pool.max_cached_bytes
+        if cap is not None and cap < self._threshold and not pool.warned_cap:
+            pool.warned_cap = True
+            warnings.warn(
+                f"the {pool.device} pool caps its cache at max_cached_bytes={cap}, below this scope's "
+                f"threshold={self._threshold}: no block it lends can be kept for reuse; raise the cap",
+                PoolscopeWarning,
+                stacklevel=5,
+            )
 
 
 def _mode_installed(stack: list[PoolScope]) -> bool:
@@ -244,6 +288,7 @@ def pool_scope(
     pool: Optional[TensorPool] = None,
     strict: bool = False,
     name: Optional[str] = None,
+    enable_profiling: bool = False,
 ) -> PoolScope:
     """Serve large tensor allocations of this thread from a pool, and give them back automatically.
 
@@ -272,7 +317,10 @@ def pool_scope(
         capture: "factories" (default). "all" is reserved for routing op outputs.
         pool: a :class:`TensorPool` to use instead of the device's shared pool.
         strict: raise :class:`EscapeError` at exit if pooled tensors are still alive.
-        name: a label for reports.
+        name: accumulate this scope's figures under this name in :func:`report`,
+            and label it in torch.profiler traces.
+        enable_profiling: record the Python stack of each pooled allocation and an
+            alloc/free timeline for :func:`snapshot` (costly; off by default).
 
     Returns:
         A :class:`PoolScope`; ``with pool_scope() as s`` binds it, ``s.stats`` holds its figures.
@@ -286,4 +334,12 @@ def pool_scope(
         ``out=`` calls, non-strided layouts and pinned memory are never pooled.
         A pooled tensor's storage cannot be grown with ``resize_``.
     """
-    return PoolScope(device, threshold=threshold, capture=capture, pool=pool, strict=strict, name=name)
+    return PoolScope(
+        device,
+        threshold=threshold,
+        capture=capture,
+        pool=pool,
+        strict=strict,
+        name=name,
+        enable_profiling=enable_profiling,
+    )

@@ -18,6 +18,7 @@ import torch
 
 from ._config import DeviceLike, check_bool, parse_device
 from ._pool import contiguous_strides, get_pool
+from ._snapshot import capture_frames
 from ._stats import PoolStats
 
 __all__ = ["GlobalMemoryPool", "get_global_memory_pool"]
@@ -62,7 +63,8 @@ class GlobalMemoryPool:
         nbytes = math.prod(size) * dtype.itemsize
         if nbytes == 0:
             return torch.empty(size, dtype=dtype, device=dev)
-        tensor, _ = get_pool(dev).lend(size, contiguous_strides(size), dtype, nbytes)
+        frames = capture_frames(2) if self.enable_profiling else None
+        tensor, _ = get_pool(dev).lend(size, contiguous_strides(size), dtype, nbytes, frames=frames)
         if zero_init:
             tensor.zero_()
         return tensor
@@ -106,7 +108,8 @@ def get_global_memory_pool(enable_profiling: bool = False) -> GlobalMemoryPool:
         pool = get_global_memory_pool(enable_profiling=False)
 
     Args:
-        enable_profiling: the seed's switch; once any caller turns it on it stays on.
+        enable_profiling: the seed's switch: record where each block was allocated, for
+            :func:`snapshot`. Once any caller turns it on it stays on.
 
     Raises:
         TypeError: when ``enable_profiling`` is not a bool.

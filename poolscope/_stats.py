@@ -33,6 +33,8 @@ class ScopeStats:
 
     ``escaped`` counts pooled tensors still alive when the scope exited, such
     as a forward's output. They stay valid; their blocks return when they die.
+    ``peak_bytes_in_use`` is the most block bytes this scope's tensors held at
+    once; ``alloc_seconds`` the time spent getting them from the pool.
     """
 
     name: str | None
@@ -41,6 +43,8 @@ class ScopeStats:
     hits: int = 0
     misses: int = 0
     escaped: int = 0
+    peak_bytes_in_use: int = 0
+    alloc_seconds: float = 0.0
 
     @property
     def hit_rate(self) -> float:

@@ -27,6 +27,7 @@ __all__ = [
     "exit_dispatch_mode",
     "infra_mode_active",
     "no_python_dispatch",
+    "profiler_enabled",
     "storage_alias",
     "torch_version",
 ]
@@ -57,6 +58,9 @@ _get_dispatch_mode = torch._C._get_dispatch_mode
 def infra_mode_active() -> bool:
     """True under FakeTensorMode, proxy tracing or functionalization."""
     return any(_get_dispatch_mode(key) is not None for key in _INFRA_KEYS)
+
+
+profiler_enabled = torch._C._autograd._profiler_enabled
 
 
 def dispatch_mode_stack() -> list[Any]:
