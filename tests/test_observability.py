@@ -27,14 +27,18 @@ def _fresh_report():
     poolscope.reset_report()
 
 
+BLOCK_POOL = poolscope.TensorPool("cpu")
+
+
 class Block(torch.nn.Module):
-    @poolscope.pooled_forward
+    @poolscope.pooled_forward(pool=BLOCK_POOL)
     def forward(self, x):
         scratch = torch.zeros(MiB)
         return x + scratch[:1]
 
 
 def test_report_accumulates_named_scopes_sorted_by_bytes():
+    BLOCK_POOL.empty_cache()
     block = Block()
     for _ in range(3):
         block(torch.ones(1))
