@@ -87,6 +87,17 @@ class Tally:
         self.live_bytes = 0
         self.peak_bytes = 0
 
+    def hand_over(self, parent: Tally) -> None:
+        """Move the still-live blocks to ``parent``: they escaped into the enclosing scope."""
+        with _LOCK:
+            for lease in self.leases.values():
+                lease.tally = parent
+            parent.leases.update(self.leases)
+            parent.live_bytes += self.live_bytes
+            parent.peak_bytes = max(parent.peak_bytes, parent.live_bytes)
+            self.leases = {}
+            self.live_bytes = 0
+
 
 class Lease(weakref.ref):
     """A weak reference to a lent block's sentinel, carrying what to give back.

@@ -34,7 +34,7 @@ from ._config import (
 )
 from ._errors import EscapeError, PoolscopeError, PoolscopeWarning
 from ._factories import CAPTURED, Factory, plan
-from ._pool import Tally, TensorPool, get_pool
+from ._pool import Lease, Tally, TensorPool, get_pool
 from ._snapshot import capture_frames
 from ._stats import ScopeStats
 from ._torch_compat import (
@@ -112,6 +112,8 @@ class PoolScope(contextlib.ContextDecorator):
         self._profiling = check_bool(enable_profiling, "enable_profiling")
         self._active = False
         self._mode: Optional[_PoolMode] = None
+        self._parent: Optional[PoolScope] = None
+        self._profile_now = enable_profiling
         self._range: Any = None
         self._reset()
 
@@ -123,6 +125,7 @@ class PoolScope(contextlib.ContextDecorator):
         self._hits = 0
         self._misses = 0
         self._escaped = 0
+        self._escaped_leases: tuple[Lease, ...] = ()
         self._alloc_seconds = 0.0
 
     def _recreate_cm(self) -> PoolScope:
@@ -165,6 +168,13 @@ class PoolScope(contextlib.ContextDecorator):
             alloc_seconds=self._alloc_seconds,
         )
 
+    def live_leases(self) -> list[Lease]:
+        """The blocks this scope lent (nested scopes' escapes included) that are alive.
+
+        While active: those alive now. After exit: those that escaped it.
+        """
+        return list(self._tally.leases.values()) if self._active else list(self._escaped_leases)
+
     def __repr__(self) -> str:
         device = "None" if self.device is None else repr(str(self.device))
         return (
@@ -187,6 +197,9 @@ class PoolScope(contextlib.ContextDecorator):
             mode = _PoolMode(stack)
             mode.__enter__()
             self._mode = mode
+        self._parent = stack[-1] if stack else None
+        # Profiling asked for by an enclosing scope covers nested ones too.
+        self._profile_now = self._profiling or (self._parent is not None and self._parent._profile_now)
         stack.append(self)
         return self
 
@@ -221,7 +234,13 @@ class PoolScope(contextlib.ContextDecorator):
             gc.collect()
             for pool in self._pools:
                 pool.trim()
-        self._escaped = len(self._tally.leases)
+        self._escaped_leases = tuple(self._tally.leases.values())
+        self._escaped = len(self._escaped_leases)
+        parent, self._parent = self._parent, None
+        if parent is not None and parent._active and self._escaped:
+            # What escapes an inner scope lives on inside the outer one.
+            parent._pools |= self._pools
+            self._tally.hand_over(parent._tally)
 
     def _route(self, func: Any, spec: Factory, args: tuple, kwargs: dict) -> Any:
         try:
@@ -242,7 +261,7 @@ class PoolScope(contextlib.ContextDecorator):
             return func(*args, **kwargs)
         if pool not in self._pools:
             self._first_use(pool)
-        frames = capture_frames(2) if self._profiling else None
+        frames = capture_frames(2) if self._profile_now else None
         start = time.perf_counter()
         out, hit = pool.lend(request.size, request.stride, request.dtype, request.nbytes, self._tally, frames)
         self._alloc_seconds += time.perf_counter() - start

@@ -244,5 +244,5 @@ def test_main_command_rejects_bad_flags():
 
 
 def test_mypy_is_clean():
-    out = subprocess.run([sys.executable, "-m", "mypy", "poolscope"], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-m", "mypy"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr

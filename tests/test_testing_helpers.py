@@ -1,0 +1,194 @@
+"""poolscope.testing: assert_no_leaks, the pytest plugin, the hypothesis strategies."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+import poolscope
+from poolscope.testing import assert_no_leaks, check_no_shared_bytes
+from poolscope.testing.strategies import shapes_crossing, tensor_specs
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+KEPT: list[torch.Tensor] = []
+
+
+class Net(torch.nn.Module):
+    def __init__(self, leak: bool = False) -> None:
+        super().__init__()
+        self.leak = leak
+        self.stash: list[torch.Tensor] = []
+
+    @poolscope.pooled_forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.zeros(256, 1024, dtype=torch.float64)
+        if self.leak:
+            self.stash.append(hidden)
+        return (hidden + x).sum()
+
+
+def test_clean_body_passes_and_reports_its_scope():
+    net = Net()
+    with assert_no_leaks() as check:
+        net(torch.ones(1))
+        scratch = torch.ones(MiB)
+        del scratch
+    assert check.scope.stats.escaped == 0
+    assert check.scope.stats.allocations_routed == 1  # the nested forward routed its own
+
+
+def test_leak_in_a_nested_forward_is_caught_with_where_it_came_from():
+    net = Net(leak=True)
+    with pytest.raises(AssertionError) as failure:
+        with assert_no_leaks(enable_profiling=True):
+            net(torch.ones(1))
+    message = str(failure.value)
+    assert "1 pooled block(s) still alive after the body (allowed: 0)" in message
+    assert "shape (256, 1024), dtype torch.float64 (2097152 bytes requested)" in message
+    assert "test_testing_helpers.py:" in message and " in forward" in message
+    net.stash.clear()
+
+
+def test_global_list_leak_without_profiling_names_shape_and_dtype():
+    with pytest.raises(AssertionError, match=r"shape \(1048576,\), dtype torch.int32"):
+        with assert_no_leaks():
+            KEPT.append(torch.zeros(MiB, dtype=torch.int32))
+    KEPT.clear()
+
+
+def test_allow_escapes_and_decorator_form():
+    @assert_no_leaks(allow_escapes=1)
+    def returns_one():
+        return torch.zeros(MiB)
+
+    out = returns_one()
+    assert out.shape == (MiB,)
+
+    @assert_no_leaks(allow_escapes=1)
+    def keeps_two():
+        KEPT.extend([torch.zeros(MiB), torch.zeros(MiB)])
+
+    with pytest.raises(AssertionError, match=r"2 pooled block\(s\) still alive after the body \(allowed: 1\)"):
+        keeps_two()
+    KEPT.clear()
+
+
+def test_garbage_cycles_are_not_leaks():
+    with assert_no_leaks():
+        cycle = [torch.zeros(MiB)]
+        cycle.append(cycle)
+        del cycle
+
+
+def test_exceptions_in_the_body_propagate_unchanged():
+    with pytest.raises(KeyError):
+        with assert_no_leaks():
+            KEPT.append(torch.zeros(MiB))
+            raise KeyError("body")
+    KEPT.clear()
+
+
+@pytest.mark.parametrize(("value", "error"), [(-1, ValueError), (1.5, TypeError), (True, TypeError), ("1", TypeError)])
+def test_allow_escapes_is_validated(value, error):
+    with pytest.raises(error, match=r"allow_escapes must be an int >= 0; got"):
+        assert_no_leaks(allow_escapes=value)
+
+
+def test_inner_escapes_count_in_the_enclosing_scope():
+    with poolscope.pool_scope() as outer:
+        with poolscope.pool_scope() as inner:
+            kept = torch.zeros(MiB)
+        assert inner.stats.escaped == 1
+    assert outer.stats.escaped == 1
+    with poolscope.pool_scope() as outer2:
+        with poolscope.pool_scope():
+            kept2 = torch.zeros(MiB)
+        del kept2
+    assert outer2.stats.escaped == 0
+    del kept
+
+
+def test_check_no_shared_bytes_catches_overlap():
+    base = torch.zeros(100)
+    check_no_shared_bytes([(1, base), (1, base[10:])])  # one allocation, two handles
+    with pytest.raises(AssertionError, match=r"allocations \[1, 2\] share the bytes"):
+        check_no_shared_bytes([(1, base), (2, torch.empty(0).set_(base.untyped_storage()))])
+
+
+@settings(max_examples=50, deadline=None)
+@given(spec=tensor_specs(MiB))
+def test_tensor_specs_cross_the_threshold(spec):
+    shape, dtype = spec
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    assert MiB / 4 - dtype.itemsize <= nbytes <= 4 * MiB
+    with poolscope.pool_scope() as scope:
+        t = torch.zeros(shape, dtype=dtype)
+    assert scope.stats.allocations_routed == (1 if nbytes >= MiB else 0)
+    del t
+
+
+def test_shapes_crossing_reach_both_sides():
+    from hypothesis import find
+
+    below = find(shapes_crossing(MiB, torch.float32), lambda s: torch.Size(s).numel() * 4 < MiB)
+    exact = find(shapes_crossing(MiB, torch.float32), lambda s: torch.Size(s).numel() * 4 == MiB)
+    assert torch.Size(below).numel() * 4 < MiB and torch.Size(exact).numel() * 4 == MiB
+
+
+def _pytest(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def test_plugin_flag_catches_the_leaky_example_and_passes_the_clean_one():
+    example = str(ROOT / "examples" / "leak_testing")
+    out = _pytest(example, "--poolscope-leak-check")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "FAILED examples/leak_testing/test_attention_leaks.py::test_leaky_attention" in out.stdout
+    assert "1 failed, 2 passed" in out.stdout
+    assert "allocated at" in out.stdout and "test_attention_leaks.py:42 in forward" in out.stdout
+    assert _pytest(example).returncode == 0
+
+
+def test_plugin_fixture_and_marker(tmp_path):
+    (tmp_path / "test_user.py").write_text(
+        "import pytest, torch, poolscope\n"
+        "KEEP = []\n"
+        "def test_fixture_catches(pool_leak_check):\n"
+        "    with poolscope.pool_scope():\n"
+        "        KEEP.append(torch.zeros(1 << 20))\n"
+        "def test_fixture_passes(pool_leak_check):\n"
+        "    with poolscope.pool_scope():\n"
+        "        torch.zeros(1 << 20)\n"
+        "@pytest.mark.poolscope_leak_check(allow_escapes=1)\n"
+        "def test_marker_allows_one():\n"
+        "    KEEP.append(torch.zeros(1 << 20))\n"
+        "def test_unchecked():\n"
+        "    KEEP.append(torch.zeros(1 << 20))\n"
+    )
+    out = _pytest(str(tmp_path), cwd=tmp_path)
+    assert "1 failed, 3 passed" in out.stdout, out.stdout + out.stderr
+    assert "test_fixture_catches" in out.stdout.split("short test summary")[1]
+
+
+def test_plugin_costs_nothing_when_off(tmp_path):
+    (tmp_path / "test_light.py").write_text(
+        "import sys\n"
+        "def test_nothing_heavy_loaded():\n"
+        "    assert 'torch' not in sys.modules and 'poolscope' not in sys.modules\n"
+    )
+    out = _pytest(str(tmp_path), "-p", "poolscope", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    help_text = _pytest("--help", cwd=tmp_path).stdout
+    assert "--poolscope-leak-check" in help_text
