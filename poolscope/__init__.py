@@ -10,7 +10,7 @@ Example::
 Importing poolscope creates no pool, initialises no device and patches nothing.
 """
 
-from ._decorator import pooled_forward
+from ._decorator import pooled_forward, unpool
 from ._errors import EscapeError, PoolscopeError, PoolscopeWarning
 from ._pool import TensorPool, get_pool
 from ._report import report, reset_report
@@ -39,4 +39,5 @@ __all__ = [
     "report",
     "reset_report",
     "snapshot",
+    "unpool",
 ]

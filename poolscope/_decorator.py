@@ -11,8 +11,9 @@ import wrapt
 from ._config import DEFAULT_THRESHOLD, ByteSize, DeviceLike
 from ._pool import TensorPool
 from ._scope import PoolScope
+from ._torch_compat import is_compiling
 
-__all__ = ["pooled_forward"]
+__all__ = ["pooled_forward", "unpool"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -71,9 +72,14 @@ def pooled_forward(
     Returns:
         The wrapped function, or a decorator when called with keywords only.
 
+    Given an ``nn.Module`` *instance* (a model you did not write), it wraps
+    that instance's forward in place and returns the module; :func:`unpool`
+    undoes it. Other instances of the class are untouched.
+
     Raises:
         TypeError: when given a class (decorate its ``forward`` instead) or
             something that is not callable; TypeError/ValueError for bad settings.
+        ValueError: when the module instance is already pooled.
     """
     if wrapped is None:
         # Fail here, at decoration, on a bad setting.
@@ -102,9 +108,17 @@ def pooled_forward(
             "decorate its forward instead: `@poolscope.pooled_forward` above `def forward(self, ...)`"
         )
     if isinstance(wrapped, torch.nn.Module):
-        raise TypeError(
-            f"pooled_forward got a module instance ({type(wrapped).__name__}); decorate its class's forward, "
-            "or wrap a call with `with poolscope.pool_scope(): module(x)`"
+        return _pool_instance(
+            wrapped,
+            PoolScope(
+                device,
+                threshold=threshold,
+                capture=capture,
+                pool=pool,
+                strict=strict,
+                name=name if name is not None else f"{type(wrapped).__qualname__}.forward",
+                enable_profiling=enable_profiling,
+            ),
         )
     if not (callable(wrapped) or isinstance(wrapped, (staticmethod, classmethod))):
         raise TypeError(f"pooled_forward needs a function or method; got {wrapped!r} of type {type(wrapped).__name__}")
@@ -118,12 +132,60 @@ def pooled_forward(
         name=name if name is not None else getattr(function, "__qualname__", None),
         enable_profiling=enable_profiling,
     )
+    return _in_scope(template)(wrapped)
 
+
+def _in_scope(template: PoolScope) -> Any:
     @wrapt.decorator
     def run_in_scope(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
-        if instance is not None and getattr(instance, "enable_memory_pool", True) is False:
+        # While torch.compile traces, run straight through: Dynamo then inlines the
+        # forward without graph breaks; the compiled code runs unpooled.
+        if is_compiling() or (instance is not None and getattr(instance, "enable_memory_pool", True) is False):
             return wrapped(*args, **kwargs)
         with template._recreate_cm():
             return wrapped(*args, **kwargs)
 
-    return run_in_scope(wrapped)
+    return run_in_scope
+
+
+_SAVED = "_poolscope_unpooled_forward"
+_NOTHING = object()
+
+
+def _pool_instance(module: torch.nn.Module, template: PoolScope) -> torch.nn.Module:
+    if _SAVED in module.__dict__:
+        raise ValueError(
+            f"this {type(module).__name__} is already pooled; call poolscope.unpool(module) first to change settings"
+        )
+    # An instance attribute shadows the class's forward for this module only.
+    module.__dict__[_SAVED] = module.__dict__.get("forward", _NOTHING)
+    module.__dict__["forward"] = _in_scope(template)(module.forward)
+    return module
+
+
+def unpool(module: torch.nn.Module) -> torch.nn.Module:
+    """Undo ``pooled_forward(module)``: the instance's forward runs unpooled again.
+
+    Example::
+
+        model = poolscope.pooled_forward(pretrained_model)   # pool a model you did not write
+        ...
+        poolscope.unpool(model)
+
+    Returns:
+        The same module.
+
+    Raises:
+        TypeError: when ``module`` is not an ``nn.Module``.
+        ValueError: when it was not pooled with ``pooled_forward(module)``.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"unpool takes an nn.Module; got {module!r} of type {type(module).__name__}")
+    if _SAVED not in module.__dict__:
+        raise ValueError(f"this {type(module).__name__} was not pooled with poolscope.pooled_forward(module)")
+    saved = module.__dict__.pop(_SAVED)
+    if saved is _NOTHING:
+        del module.__dict__["forward"]
+    else:
+        module.__dict__["forward"] = saved
+    return module

@@ -64,6 +64,15 @@ def current_scope() -> Optional[PoolScope]:
 
 
 class _PoolMode(TorchDispatchMode):
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # Without this, torch.compile'd code called inside a scope silently runs
+        # eagerly. With it, Dynamo compiles as usual (this mode is off while it
+        # traces) and the compiled code runs with the mode on: ops that still go
+        # through the dispatcher (eager and aot_eager backends) are pooled,
+        # Inductor's own buffers are not.
+        return True
+
     def __init__(self, stack: list[PoolScope]) -> None:
         super().__init__()
         self._stack = stack

@@ -26,6 +26,7 @@ __all__ = [
     "dispatch_mode_stack",
     "exit_dispatch_mode",
     "infra_mode_active",
+    "is_compiling",
     "no_python_dispatch",
     "profiler_enabled",
     "storage_alias",
@@ -61,6 +62,7 @@ def infra_mode_active() -> bool:
 
 
 profiler_enabled = torch._C._autograd._profiler_enabled
+is_compiling = torch.compiler.is_compiling
 
 
 def dispatch_mode_stack() -> list[Any]:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import poolscope
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,13 +39,20 @@ def test_public_api_is_explicit_typed_and_documented():
             assert "return" in hints, f"{name} has no return annotation"
 
 
-def test_example_runs_and_reports():
+@pytest.mark.parametrize(
+    ("script", "args", "expected"),
+    [
+        ("longnet.py", ["--seq-len", "4096", "--repeats", "1"], ["bit-identical: True", "DilatedAttention.forward"]),
+        ("inference_loop.py", ["--steps", "20"], ["tokens identical: True", "(flat)", "generate"]),
+    ],
+)
+def test_examples_run_and_report(script, args, expected):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "dilated_attention.py"), "--seq-len", "4096", "--repeats", "1"],
+        [sys.executable, str(ROOT / "examples" / script), *args],
         check=True,
         capture_output=True,
         text=True,
         timeout=120,
     ).stdout
-    assert "outputs bit-identical: yes" in out
-    assert "allocations served from cached blocks" in out
+    for text in expected:
+        assert text in out
