@@ -88,11 +88,6 @@ def parse_capture(value: object) -> str:
         raise TypeError(f"capture must be one of {CAPTURE_MODES}; got {value!r} of type {type(value).__name__}")
     if value not in CAPTURE_MODES:
         raise ValueError(f"capture must be one of {CAPTURE_MODES}; got {value!r}")
-    if value == "all":
-        raise NotImplementedError(
-            "capture='all' (routing the outputs of every ATen op) is reserved and not implemented yet; "
-            "use capture='factories'"
-        )
     return value
 
 

@@ -34,6 +34,7 @@ from ._config import (
 )
 from ._errors import EscapeError, PoolscopeError, PoolscopeWarning
 from ._factories import CAPTURED, Factory, plan
+from ._outputs import output_layout, output_plan
 from ._pool import Lease, Tally, TensorPool, get_pool
 from ._snapshot import capture_frames
 from ._stats import ScopeStats
@@ -79,11 +80,16 @@ class _PoolMode(TorchDispatchMode):
         self._owner = threading.get_ident()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        spec = CAPTURED.get(func)
+        stack = self._stack
         # Autograd copies the mode stack into its worker threads; a scope
         # routes only the thread that opened it.
-        if spec is not None and self._stack and threading.get_ident() == self._owner:
-            return self._stack[-1]._route(func, spec, args, kwargs or {})
+        if stack and threading.get_ident() == self._owner:
+            scope = stack[-1]
+            spec = CAPTURED.get(func)
+            if spec is not None:
+                return scope._route_factory(func, spec, args, kwargs or {})
+            if scope._capture_all:
+                return scope._route_output(func, args, kwargs or {})
         return func(*args, **kwargs) if kwargs else func(*args)
 
 
@@ -107,6 +113,7 @@ class PoolScope(contextlib.ContextDecorator):
         self._device = None if device is None else parse_device(device)
         self._threshold = parse_threshold(threshold)
         self._capture = parse_capture(capture)
+        self._capture_all = self._capture == "all"
         if pool is not None and not isinstance(pool, TensorPool):
             raise TypeError(
                 f"pool must be a poolscope.TensorPool or None; got {pool!r} of type {type(pool).__name__}"
@@ -251,29 +258,16 @@ class PoolScope(contextlib.ContextDecorator):
             parent._pools |= self._pools
             self._tally.hand_over(parent._tally)
 
-    def _route(self, func: Any, spec: Factory, args: tuple, kwargs: dict) -> Any:
+    def _route_factory(self, func: Any, spec: Factory, args: tuple, kwargs: dict) -> Any:
         try:
             request = plan(spec, args, kwargs, self._threshold)
         except Exception:
             request = None
-        if (
-            request is None
-            or request.nbytes == 0
-            or (self._device is not None and request.device != self._device)
-            or infra_mode_active()
-        ):
+        out = None
+        if request is not None and request.nbytes:
+            out = self._lend(request.device, request.size, request.stride, request.dtype, request.nbytes)
+        if out is None:
             return func(*args, **kwargs)
-        pool = self._pool
-        if pool is None:
-            pool = get_pool(request.device)
-        elif pool.device != request.device:
-            return func(*args, **kwargs)
-        if pool not in self._pools:
-            self._first_use(pool)
-        frames = capture_frames(2) if self._profile_now else None
-        start = time.perf_counter()
-        out, hit = pool.lend(request.size, request.stride, request.dtype, request.nbytes, self._tally, frames)
-        self._alloc_seconds += time.perf_counter() - start
         if spec.fill is not None:
             try:
                 spec.fill(out, args, kwargs)
@@ -281,8 +275,43 @@ class PoolScope(contextlib.ContextDecorator):
                 # Let PyTorch run the call and raise its own error.
                 del out
                 return func(*args, **kwargs)
+        return out
+
+    def _route_output(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        plan_ = output_plan(func)
+        found = output_layout(func, args, kwargs, self._threshold) if plan_ is not None else None
+        out = None
+        if found is not None:
+            device, layout = found
+            out = self._lend(device, layout.size, layout.stride, layout.dtype, layout.nbytes)
+        if out is None:
+            return func(*args, **kwargs)
+        try:
+            plan_.out_op(*args, **kwargs, **{plan_.out_name: out})  # type: ignore[union-attr]
+        except Exception:
+            del out
+            return func(*args, **kwargs)
+        return out
+
+    def _lend(
+        self, device: torch.device, size: tuple, stride: tuple, dtype: torch.dtype, nbytes: int
+    ) -> Optional[torch.Tensor]:
+        """A pooled tensor of this layout, or None when this scope must leave the call alone."""
+        if (self._device is not None and device != self._device) or infra_mode_active():
+            return None
+        pool = self._pool
+        if pool is None:
+            pool = get_pool(device)
+        elif pool.device != device:
+            return None
+        if pool not in self._pools:
+            self._first_use(pool)
+        frames = capture_frames(3) if self._profile_now else None
+        start = time.perf_counter()
+        out, hit = pool.lend(size, stride, dtype, nbytes, self._tally, frames)
+        self._alloc_seconds += time.perf_counter() - start
         self._routed += 1
-        self._bytes += request.nbytes
+        self._bytes += nbytes
         if hit:
             self._hits += 1
         else:
@@ -342,7 +371,9 @@ def pool_scope(
         device: route only allocations on this device; None routes every device.
         threshold: smallest allocation pooled, in bytes or as "1MiB", "512KB"
             (KB=1000, KiB=1024); default 1 MiB. Exactly-threshold requests are pooled.
-        capture: "factories" (default). "all" is reserved for routing op outputs.
+        capture: "factories" (default) pools factory calls only; "all" also serves the
+            output of every ATen op that has a fresh single-tensor output and an ``out=``
+            overload (matmul, softmax, elementwise ops, cat, reductions, ...).
         pool: a :class:`TensorPool` to use instead of the device's shared pool.
         strict: raise :class:`EscapeError` at exit if pooled tensors are still alive.
         name: accumulate this scope's figures under this name in :func:`report`,
@@ -355,7 +386,6 @@ def pool_scope(
 
     Raises:
         TypeError, ValueError: for a bad argument, naming it and what is allowed.
-        NotImplementedError: for ``capture="all"`` in this release.
 
     Limits:
         The scope belongs to the thread that entered it. Meta and fake tensors,

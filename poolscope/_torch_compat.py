@@ -25,6 +25,7 @@ __all__ = [
     "dlpack_keeps",
     "dispatch_mode_stack",
     "exit_dispatch_mode",
+    "has_backend_kernel",
     "infra_mode_active",
     "is_compiling",
     "no_python_dispatch",
@@ -62,6 +63,16 @@ def infra_mode_active() -> bool:
 
 
 profiler_enabled = torch._C._autograd._profiler_enabled
+
+
+@functools.lru_cache(maxsize=None)
+def _has_kernel(name: str, key: str) -> bool:
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(name, key))
+
+
+def has_backend_kernel(op: Any, device: torch.device) -> bool:
+    """Whether ``op`` has a kernel of its own for ``device``'s backend (not only a composite one)."""
+    return _has_kernel(op.name(), device.type.upper())
 is_compiling = torch.compiler.is_compiling
 
 

@@ -43,9 +43,9 @@ def test_unavailable_device_is_named():
         poolscope.get_pool("cuda:0")
 
 
-def test_capture_all_is_reserved():
-    with pytest.raises(NotImplementedError, match=r"capture='all' .* reserved .* use capture='factories'"):
-        poolscope.pool_scope(capture="all")
+def test_capture_modes():
+    assert poolscope.pool_scope(capture="all")._capture_all
+    assert not poolscope.pool_scope()._capture_all
 
 
 def test_threshold_units():
