@@ -6,7 +6,7 @@ import torch
 
 
 def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
-    flat = t.detach().reshape(-1)
+    flat = t.detach().contiguous().reshape(-1)
     return flat.view(torch.uint8) if flat.numel() else flat.to(torch.uint8)
 
 
