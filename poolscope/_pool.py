@@ -26,8 +26,9 @@ from typing import Any, Optional
 
 import torch
 
-from ._config import DEFAULT_MAX_CACHED, DeviceLike, parse_cap, parse_device
+from ._config import DEFAULT_MAX_CACHED, DeviceLike, parse_bytes, parse_cap, parse_device
 from ._stats import PoolStats
+from ._faults import should_fail_growth, step
 from ._torch_compat import current_stream_key, dlpack_keeps, no_python_dispatch, storage_alias
 
 __all__ = ["TensorPool", "get_pool"]
@@ -144,15 +145,28 @@ class TensorPool:
         max_cached_bytes: cap on idle cached bytes (int or "512MiB"); None
             means no cap. Blocks above the cap are freed, oldest first, when
             they come back and when a scope exits.
+        max_bytes: hard limit on lent plus cached bytes, like CuPy's
+            ``set_limit``; None means none. When growing would pass it, or the
+            device is out of memory, the pool frees its cache and tries once
+            more, then lets PyTorch's ordinary allocator serve the request.
 
     Raises:
         TypeError, ValueError: for a bad device or cap.
     """
 
-    def __init__(self, device: DeviceLike = "cpu", *, max_cached_bytes: int | str | None = None) -> None:
+    def __init__(
+        self,
+        device: DeviceLike = "cpu",
+        *,
+        max_cached_bytes: int | str | None = None,
+        max_bytes: int | str | None = None,
+    ) -> None:
         _install_fork_hook()
         self._device = parse_device(device)
         self._cap = parse_cap(max_cached_bytes)
+        self._max_bytes = None if max_bytes is None else parse_bytes(max_bytes, "max_bytes")
+        self._growing = 0
+        self._fallbacks = 0
         self._free: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
         self._cache_order: dict[int, tuple[int, int]] = {}  # id(block) -> key, oldest first
         self._live: dict[int, Lease] = {}
@@ -171,6 +185,19 @@ class TensorPool:
     @property
     def device(self) -> torch.device:
         return self._device
+
+    @property
+    def max_bytes(self) -> int | None:
+        """Hard limit on the bytes this pool reserves (lent + cached); None means no limit.
+
+        Past it the pool first frees its cache; if that is not enough the
+        allocation goes to PyTorch's ordinary allocator (``stats().fallbacks``).
+        """
+        return self._max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, value: int | str | None) -> None:
+        self._max_bytes = None if value is None else parse_bytes(value, "max_bytes")
 
     @property
     def max_cached_bytes(self) -> int | None:
@@ -201,7 +228,9 @@ class TensorPool:
                 hits=self._hits,
                 misses=self._misses,
                 evictions=self._evictions,
+                fallbacks=self._fallbacks,
                 max_cached_bytes=self._cap,
+                max_bytes=self._max_bytes,
             )
         del evicted
         return stats
@@ -233,45 +262,60 @@ class TensorPool:
         nbytes: int,
         tally: Optional[Tally] = None,
         frames: Optional[list[dict[str, Any]]] = None,
-    ) -> tuple[torch.Tensor, bool]:
+    ) -> Optional[tuple[torch.Tensor, bool]]:
         """Return an uninitialised tensor over a pooled block and whether it was a cache hit.
 
         ``nbytes`` must be the storage size that ``size``/``stride``/``dtype``
         need. ``frames`` (Python frames, innermost first) turns on tracing of
-        this block for :func:`poolscope.snapshot`.
+        this block for :func:`poolscope.snapshot`. Returns None when the pool
+        cannot grow (out of memory, or ``max_bytes`` reached even after
+        releasing its cache): the caller then uses the ordinary allocator.
         """
         cls = size_class(nbytes)
         key = (current_stream_key(self._device), cls)
-        block = None
+        step("lend.lookup")
         with _LOCK:
             evicted = self._settle_locked(self._cap)
             free = self._free.get(key)
+            block = None
             if free:
                 block_id, block = free.popitem()
                 del self._cache_order[block_id]
                 self._bytes_cached -= cls
         del evicted
         hit = block is not None
-        with no_python_dispatch():
+        if block is None:
+            block = self._grow(cls)
             if block is None:
-                block = torch.empty(cls, dtype=torch.uint8, device=self._device)
-                if _log.isEnabledFor(logging.DEBUG):
-                    _log.debug("pool %s grew by a %d-byte block for a %d-byte request", self._device, cls, nbytes)
-            if dlpack_keeps(dtype):
-                # The DLPack import carries dtype, size and strides over, and
-                # sizes its new storage exactly as empty_strided would.
-                sentinel = block.view(dtype).as_strided(size, stride)
-                out = storage_alias(sentinel)
-            else:
-                sentinel = block[:nbytes]
-                out = torch.empty((0,), dtype=dtype, device=self._device)
-                out.set_(storage_alias(sentinel).untyped_storage(), 0, size, stride)
-        callback = self._released.append if frames is None else self._release_traced
-        lease = Lease(sentinel, callback, block, key, nbytes, tally, size, dtype, frames)
+                return None
+        out = sentinel = None
+        try:
+            step("lend.carve")
+            with no_python_dispatch():
+                if dlpack_keeps(dtype):
+                    # The DLPack import carries dtype, size and strides over, and
+                    # sizes its new storage exactly as empty_strided would.
+                    sentinel = block.view(dtype).as_strided(size, stride)
+                    out = storage_alias(sentinel)
+                else:
+                    sentinel = block[:nbytes]
+                    out = torch.empty((0,), dtype=dtype, device=self._device)
+                    out.set_(storage_alias(sentinel).untyped_storage(), 0, size, stride)
+            callback = self._released.append if frames is None else self._release_traced
+            lease = Lease(sentinel, callback, block, key, nbytes, tally, size, dtype, frames)
+            step("lend.register")
+        except BaseException:
+            # Nothing outside this frame saw the block: drop our references to
+            # it (the traceback would keep them) and put it back in the cache.
+            out = sentinel = None
+            self._return_unlent(key, block, grown=not hit)
+            raise
         del sentinel
         with _LOCK:
             self._live[id(lease)] = lease
             self._bytes_in_use += cls
+            if not hit:
+                self._growing -= cls
             self._bytes_requested += nbytes
             if self._bytes_in_use > self._peak:
                 self._peak = self._bytes_in_use
@@ -287,6 +331,46 @@ class TensorPool:
             if frames is not None:
                 self._record_locked("segment_alloc" if not hit else None, lease, frames)
         return out, hit
+
+    def _grow(self, cls: int) -> Optional[torch.Tensor]:
+        """A new block, after releasing the cache and retrying once if the first try fails."""
+        for attempt in range(2):
+            step("lend.grow")
+            with _LOCK:
+                reserved = self._bytes_in_use + self._bytes_cached + self._growing
+                allowed = self._max_bytes is None or reserved + cls <= self._max_bytes
+                if allowed:
+                    self._growing += cls
+            if allowed:
+                try:
+                    if should_fail_growth():
+                        raise torch.OutOfMemoryError(f"injected: cannot allocate {cls} bytes")
+                    with no_python_dispatch():
+                        block = torch.empty(cls, dtype=torch.uint8, device=self._device)
+                except RuntimeError as exc:  # torch.OutOfMemoryError included
+                    with _LOCK:
+                        self._growing -= cls
+                    _log.debug("pool %s could not grow by %d bytes: %s", self._device, cls, exc)
+                else:
+                    if _log.isEnabledFor(logging.DEBUG):
+                        _log.debug("pool %s grew by a %d-byte block", self._device, cls)
+                    return block
+            if attempt == 0:
+                self.empty_cache()
+        with _LOCK:
+            self._fallbacks += 1
+        _log.debug("pool %s falls back to the ordinary allocator for %d bytes", self._device, cls)
+        return None
+
+    def _return_unlent(self, key: tuple[int, int], block: torch.Tensor, grown: bool) -> None:
+        with _LOCK:
+            if grown:
+                self._growing -= key[1]
+            self._free.setdefault(key, {})[id(block)] = block
+            self._cache_order[id(block)] = key
+            self._bytes_cached += key[1]
+            evicted = self._settle_locked(self._cap)
+        del evicted
 
     def _release_traced(self, lease: Lease) -> None:
         lease.freed_ns = time.time_ns()

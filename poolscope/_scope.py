@@ -34,6 +34,7 @@ from ._config import (
 )
 from ._errors import EscapeError, PoolscopeError, PoolscopeWarning
 from ._factories import CAPTURED, Factory, plan
+from ._faults import step
 from ._outputs import output_layout, output_plan
 from ._pool import Lease, Tally, TensorPool, get_pool
 from ._snapshot import capture_frames
@@ -202,36 +203,53 @@ class PoolScope(contextlib.ContextDecorator):
         if self._active:
             raise PoolscopeError(f"{self!r} is already active; create a new pool_scope() for a nested scope")
         self._reset()
-        self._active = True
+        step("scope.enter")
         if _config.DISABLED:
+            self._active = True
             return self
-        if profiler_enabled():
-            self._range = torch.autograd.profiler.record_function(f"poolscope:{self._name or 'pool_scope'}")
-            self._range.__enter__()
         stack = _scope_stack()
-        if not stack or not _mode_installed(stack):
-            mode = _PoolMode(stack)
-            mode.__enter__()
-            self._mode = mode
-        self._parent = stack[-1] if stack else None
-        # Profiling asked for by an enclosing scope covers nested ones too.
-        self._profile_now = self._profiling or (self._parent is not None and self._parent._profile_now)
-        stack.append(self)
+        try:
+            if profiler_enabled():
+                self._range = torch.autograd.profiler.record_function(f"poolscope:{self._name or 'pool_scope'}")
+                self._range.__enter__()
+            step("scope.mode")
+            if not stack or not _mode_installed(stack):
+                mode = _PoolMode(stack)
+                mode.__enter__()
+                self._mode = mode
+            self._parent = stack[-1] if stack else None
+            # Profiling asked for by an enclosing scope covers nested ones too.
+            self._profile_now = self._profiling or (self._parent is not None and self._parent._profile_now)
+            step("scope.push")
+            stack.append(self)
+        except BaseException:
+            self._unwind(stack)
+            raise
+        self._active = True
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        stack = _scope_stack()
+    def _unwind(self, stack: list[PoolScope]) -> None:
+        """Leave nothing of this scope behind: off the scope stack, its mode and range exited."""
         if stack and stack[-1] is self:
             stack.pop()
         elif self in stack:
             stack.remove(self)
         mode, self._mode = self._mode, None
+        rng, self._range = self._range, None
         self._active = False
-        if mode is not None:
-            exit_dispatch_mode(mode)
-        if self._range is not None:
-            self._range.__exit__(None, None, None)
-            self._range = None
+        try:
+            if mode is not None:
+                exit_dispatch_mode(mode)
+        finally:
+            if rng is not None:
+                rng.__exit__(None, None, None)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            step("scope.exit")
+        finally:
+            self._unwind(_scope_stack())
+        step("scope.finish")
         self._finish()
         if self._name is not None and not _config.DISABLED:
             _report.record(self.stats, self._threshold)
@@ -308,8 +326,11 @@ class PoolScope(contextlib.ContextDecorator):
             self._first_use(pool)
         frames = capture_frames(3) if self._profile_now else None
         start = time.perf_counter()
-        out, hit = pool.lend(size, stride, dtype, nbytes, self._tally, frames)
+        lent = pool.lend(size, stride, dtype, nbytes, self._tally, frames)
         self._alloc_seconds += time.perf_counter() - start
+        if lent is None:
+            return None  # the pool could not grow: the ordinary allocator serves this one
+        out, hit = lent
         self._routed += 1
         self._bytes += nbytes
         if hit:

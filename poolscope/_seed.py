@@ -64,7 +64,8 @@ class GlobalMemoryPool:
         if nbytes == 0:
             return torch.empty(size, dtype=dtype, device=dev)
         frames = capture_frames(2) if self.enable_profiling else None
-        tensor, _ = get_pool(dev).lend(size, contiguous_strides(size), dtype, nbytes, frames=frames)
+        lent = get_pool(dev).lend(size, contiguous_strides(size), dtype, nbytes, frames=frames)
+        tensor = torch.empty(size, dtype=dtype, device=dev) if lent is None else lent[0]
         if zero_init:
             tensor.zero_()
         return tensor

@@ -11,6 +11,8 @@ class PoolStats:
 
     Bytes "in use" are the size-class bytes of blocks lent to live tensors;
     ``bytes_requested`` is what those tensors asked for (at most 1.25x less).
+    ``fallbacks`` counts requests the pool could not grow for, which PyTorch's
+    ordinary allocator served instead.
     """
 
     device: str
@@ -24,7 +26,9 @@ class PoolStats:
     hits: int
     misses: int
     evictions: int
+    fallbacks: int
     max_cached_bytes: int | None
+    max_bytes: int | None
 
 
 @dataclass(frozen=True)
