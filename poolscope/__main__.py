@@ -28,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="device to run on (default cpu)")
     parser.add_argument("--threshold", default=str(DEFAULT_THRESHOLD), help="smallest pooled allocation, e.g. 1MiB")
     parser.add_argument("--repeats", type=int, default=7, help="timed forwards of each kind (default 7)")
+    parser.add_argument(
+        "--capture",
+        choices=("factories", "all"),
+        default="all",
+        help="what the scope pools: factory calls only, or op outputs too (default all)",
+    )
     parser.add_argument("--snapshot", metavar="PATH", help="write a memory snapshot (pickle) with profiling on")
     return parser
 
@@ -45,7 +51,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         threshold = parse_threshold(args.threshold)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
-    result = run_demo(args.seq_len, device, threshold, args.repeats, profile=args.snapshot is not None)
+    result = run_demo(
+        args.seq_len, device, threshold, args.repeats, capture=args.capture, profile=args.snapshot is not None
+    )
     print(f"plain : {result.plain_ms:9.1f} ms per forward (median of {args.repeats})")
     print(f"pooled: {result.pooled_ms:9.1f} ms per forward  -> {result.speedup:.2f}x")
     print(f"outputs bit-identical: {'yes' if result.identical else 'NO'}")
