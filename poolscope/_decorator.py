@@ -81,58 +81,24 @@ def pooled_forward(
             something that is not callable; TypeError/ValueError for bad settings.
         ValueError: when the module instance is already pooled.
     """
+    settings: dict[str, Any] = dict(
+        device=device, threshold=threshold, capture=capture, pool=pool, strict=strict, enable_profiling=enable_profiling
+    )
     if wrapped is None:
-        # Fail here, at decoration, on a bad setting.
-        PoolScope(
-            device,
-            threshold=threshold,
-            capture=capture,
-            pool=pool,
-            strict=strict,
-            name=name,
-            enable_profiling=enable_profiling,
-        )
-        return functools.partial(
-            pooled_forward,
-            device=device,
-            threshold=threshold,
-            capture=capture,
-            pool=pool,
-            strict=strict,
-            name=name,
-            enable_profiling=enable_profiling,
-        )
+        PoolScope(**settings, name=name)  # fail here, at decoration, on a bad setting
+        return functools.partial(pooled_forward, **settings, name=name)
     if isinstance(wrapped, type):
         raise TypeError(
             f"pooled_forward decorates a function or method, not the class {wrapped.__qualname__}; "
             "decorate its forward instead: `@poolscope.pooled_forward` above `def forward(self, ...)`"
         )
     if isinstance(wrapped, torch.nn.Module):
-        return _pool_instance(
-            wrapped,
-            PoolScope(
-                device,
-                threshold=threshold,
-                capture=capture,
-                pool=pool,
-                strict=strict,
-                name=name if name is not None else f"{type(wrapped).__qualname__}.forward",
-                enable_profiling=enable_profiling,
-            ),
-        )
+        module_name = f"{type(wrapped).__qualname__}.forward"
+        return _pool_instance(wrapped, PoolScope(**settings, name=module_name if name is None else name))
     if not (callable(wrapped) or isinstance(wrapped, (staticmethod, classmethod))):
         raise TypeError(f"pooled_forward needs a function or method; got {wrapped!r} of type {type(wrapped).__name__}")
-    function = getattr(wrapped, "__func__", wrapped)
-    template = PoolScope(
-        device,
-        threshold=threshold,
-        capture=capture,
-        pool=pool,
-        strict=strict,
-        name=name if name is not None else getattr(function, "__qualname__", None),
-        enable_profiling=enable_profiling,
-    )
-    return _in_scope(template)(wrapped)
+    qualname = getattr(getattr(wrapped, "__func__", wrapped), "__qualname__", None)
+    return _in_scope(PoolScope(**settings, name=qualname if name is None else name))(wrapped)
 
 
 def _in_scope(template: PoolScope) -> Any:
