@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,19 @@ def test_examples_run_and_report(script, args, expected):
     ).stdout
     for text in expected:
         assert text in out
+
+
+@pytest.mark.parametrize("script", ["suite.py", "capture_all.py"])
+def test_benchmarks_run_in_quick_mode(script, tmp_path):
+    """A smoke run: the scripts work and write their results; the timings are not judged here."""
+    args = ["--quick", "--out", str(tmp_path)] if script == "suite.py" else ["--quick", "--json", str(tmp_path / "r.json")]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "| workload |" in out.stdout or "| seed-style forward |" in out.stdout
+    results = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert results
