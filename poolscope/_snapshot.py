@@ -29,6 +29,7 @@ _SKIPPED_FILES = frozenset(
     for parts in (("_dynamo", "eval_frame.py"), ("_compile.py",), ("utils", "_python_dispatch.py"))
 )
 FRAME_LIMIT = 32
+VIEWER_PICKLE_PROTOCOL = 4
 
 
 def capture_frames(skip: int = 1) -> list[dict[str, Any]]:
@@ -89,4 +90,5 @@ def dump_snapshot(path: Union[str, os.PathLike]) -> None:
         raise TypeError(f"path must be a str or os.PathLike; got {path!r} of type {type(path).__name__}")
     data = snapshot()
     with open(path, "wb") as f:
-        pickle.dump(data, f)
+        # The web viewer's own unpickler (MemoryViz.js) reads protocols 2 to 4 only.
+        pickle.dump(data, f, protocol=VIEWER_PICKLE_PROTOCOL)

@@ -139,6 +139,7 @@ def test_snapshot_renders_in_pytorch_memory_viz(tmp_path):
 
     path = tmp_path / "pool.pickle"
     poolscope.dump_snapshot(path)
+    assert path.read_bytes()[:2] == b"\x80\x04"  # the web viewer's unpickler reads protocols 2-4
     with open(path, "rb") as f:
         loaded = pickle.load(f)
     assert _memory_viz.segsum(loaded)
