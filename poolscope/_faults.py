@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 from typing import Optional
 
-__all__ = ["fail_growth", "fail_step", "step", "steps_seen"]
+__all__ = ["InjectedFault", "fail_growth", "fail_step", "should_fail_growth", "step"]
 
 _armed: Optional[list] = None  # [countdown, exception to raise, steps seen]
 _grow_failures = 0
@@ -49,10 +49,6 @@ def fail_step(n: int, exception: type[BaseException] = InjectedFault) -> Iterato
         yield seen
     finally:
         _armed = None
-
-
-def steps_seen(seen: list[str]) -> int:
-    return len(seen)
 
 
 @contextlib.contextmanager
