@@ -73,3 +73,13 @@ def test_benchmarks_run_in_quick_mode(script, tmp_path):
     assert "| workload |" in out.stdout or "| seed-style forward |" in out.stdout
     results = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert results
+
+
+def test_first_scope_does_not_import_dynamo():
+    code = (
+        "import sys, torch, poolscope\n"
+        "with poolscope.pool_scope():\n"
+        "    (torch.zeros(1 << 20) * 2).sum()\n"
+        "assert 'torch._dynamo' not in sys.modules, 'the first scope imported torch._dynamo'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
