@@ -43,6 +43,8 @@ class Layout(NamedTuple):
     nbytes: int
 
 
+# Ops whose result shares its input's storage although the schema declares a fresh tensor.
+_ALIASING_DESPITE_SCHEMA = frozenset({torch.ops.aten._unsafe_view})
 _PLANS: dict[Any, Optional[OutputPlan]] = {}
 _LAYOUTS: dict[tuple, Optional[Layout]] = {}
 _NO_PLAN_TAGS = frozenset(
@@ -73,6 +75,8 @@ def _find_plan(func: Any) -> Optional[OutputPlan]:
     if ret.alias_info is not None or str(ret.type) != "Tensor":
         return None
     if any(a.alias_info is not None for a in schema.arguments) or _NO_PLAN_TAGS.intersection(func.tags):
+        return None
+    if func._overloadpacket in _ALIASING_DESPITE_SCHEMA:
         return None
     wanted = _signature(schema)
     packet = func._overloadpacket

@@ -105,7 +105,10 @@ def test_views_inplace_multi_output_dynamic_and_out_calls_pass_through():
         torch.nonzero(mask)  # data-dependent shape
         torch.add(x, 1, out=out)  # out= call
         torch.ops.aten.relu.default(x)  # relu.out has no CPU kernel of its own: skipped
+        flat = torch.ops.aten._unsafe_view.default(x, [1024 * 1024])  # shares x's storage
     assert scope.stats.allocations_routed == 0
+    assert flat.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    assert _outputs.output_plan(torch.ops.aten._unsafe_view.default) is None
 
 
 def test_a_repeated_forward_pays_no_meta_computation(monkeypatch):
