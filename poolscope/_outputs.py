@@ -133,8 +133,11 @@ class _Walk:
         return self.device
 
 
-def output_layout(func: Any, args: tuple, kwargs: dict, threshold: int) -> Optional[tuple[torch.device, Layout]]:
-    """The output layout ``func`` would produce, when it needs at least ``threshold`` bytes."""
+def output_layout(
+    func: Any, plan: OutputPlan, args: tuple, kwargs: dict, threshold: int
+) -> Optional[tuple[torch.device, Layout]]:
+    """The output layout ``func`` would produce, when it needs at least ``threshold`` bytes
+    and ``plan``'s out= overload has a kernel of its own for the output's device."""
     walk = _Walk()
     key = (func, walk.key(args), walk.key(tuple(sorted(kwargs.items()))) if kwargs else None)
     device = walk.output_device()
@@ -149,8 +152,7 @@ def output_layout(func: Any, args: tuple, kwargs: dict, threshold: int) -> Optio
         _LAYOUTS[key] = layout
     if layout is None or layout.nbytes < threshold or layout.nbytes == 0:
         return None
-    plan = output_plan(func)
-    if plan is None or not has_backend_kernel(plan.out_op, device):
+    if not has_backend_kernel(plan.out_op, device):
         return None
     return device, layout
 

@@ -305,15 +305,15 @@ class PoolScope(contextlib.ContextDecorator):
 
     def _route_output(self, func: Any, args: tuple, kwargs: dict) -> Any:
         plan_ = output_plan(func)
-        found = output_layout(func, args, kwargs, self._threshold) if plan_ is not None else None
+        found = output_layout(func, plan_, args, kwargs, self._threshold) if plan_ is not None else None
         out = None
         if found is not None:
             device, layout = found
             out = self._lend(device, layout.size, layout.stride, layout.dtype, layout.nbytes)
-        if out is None:
+        if out is None or plan_ is None:
             return func(*args, **kwargs)
         try:
-            plan_.out_op(*args, **kwargs, **{plan_.out_name: out})  # type: ignore[union-attr]
+            plan_.out_op(*args, **kwargs, **{plan_.out_name: out})
         except Exception:
             del out
             return func(*args, **kwargs)
