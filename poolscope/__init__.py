@@ -7,19 +7,28 @@ Example::
     with poolscope.pool_scope():
         out = model(x)
 
-Importing poolscope creates no pool, initialises no device and patches nothing.
+Importing poolscope creates no pool, builds nothing, installs no allocator and
+initialises no device: the first scope does.
 """
 
 from ._decorator import pooled_forward, unpool
-from ._errors import EscapeError, PoolscopeError, PoolscopeWarning
-from ._pool import TensorPool, get_pool
+from ._engine import engine
+from ._errors import (
+    EscapeError,
+    PoolscopeError,
+    PoolscopeTypeError,
+    PoolscopeValueError,
+    PoolscopeWarning,
+    ScopeLimitError,
+)
+from ._pool import TensorPool, get_pool, release_unused
 from ._report import report, reset_report
 from ._scope import PoolScope, pool_scope
 from ._seed import GlobalMemoryPool, get_global_memory_pool
 from ._snapshot import dump_snapshot, snapshot
 from ._stats import PoolStats, ScopeStats
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "EscapeError",
@@ -27,15 +36,20 @@ __all__ = [
     "PoolScope",
     "PoolStats",
     "PoolscopeError",
+    "PoolscopeTypeError",
+    "PoolscopeValueError",
     "PoolscopeWarning",
+    "ScopeLimitError",
     "ScopeStats",
     "TensorPool",
     "__version__",
     "dump_snapshot",
+    "engine",
     "get_global_memory_pool",
     "get_pool",
     "pool_scope",
     "pooled_forward",
+    "release_unused",
     "report",
     "reset_report",
     "snapshot",

@@ -1,4 +1,4 @@
-"""Validation and parsing of user-facing settings."""
+"""Validation and parsing of user-facing settings, and the environment variables that set defaults."""
 
 from __future__ import annotations
 
@@ -6,47 +6,66 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Optional, Union
+from typing import Optional, TypeVar, Union
 
 import torch
 
-BUILTIN_THRESHOLD = 1 << 20  # 1 MiB, the seed's rule
-CAPTURE_MODES = ("factories", "all")
+from ._errors import PoolscopeTypeError, PoolscopeValueError
+
+BUILTIN_THRESHOLD = 1 << 20  # 1 MiB, the rule of the hand-written pools poolscope replaces
+BUILTIN_RELEASE_AFTER = 100
+CAPTURE_MODES = ("all", "factories")
+ON_LIMIT = ("raise", "fallback")
+ENGINES = ("native", "passthrough")
 
 ByteSize = Union[int, str]
 DeviceLike = Union[str, torch.device, int]
+T = TypeVar("T")
 
+# Case matters: "MB" is 10**6 and "MiB" 2**20, so "mb" would be a guess.
 _UNITS = {
     "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
+    "B": 1,
+    "KB": 10**3,
+    "kB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 _SIZE_HELP = "an int number of bytes >= 0 or a string such as '1MiB', '512KB', '2GB' (KB=1000, KiB=1024)"
 
 
+def _type_error(what: str, allowed: str, value: object) -> PoolscopeTypeError:
+    return PoolscopeTypeError(f"{what} must be {allowed}; got {value!r} of type {type(value).__name__}")
+
+
 def parse_bytes(value: object, what: str) -> int:
     """Turn an int or a string such as ``"1.5MiB"`` into a number of bytes."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(f"{what} must be {_SIZE_HELP}; got {value!r} of type {type(value).__name__}")
+        raise _type_error(what, _SIZE_HELP, value)
     if isinstance(value, int):
         if value < 0:
-            raise ValueError(f"{what} must be >= 0 bytes; got {value}")
+            raise PoolscopeValueError(f"{what} must be >= 0 bytes; got {value}")
         return value
     match = _SIZE_RE.match(value)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ValueError(f"{what} must be {_SIZE_HELP}; got {value!r}")
+    if match is None:
+        raise PoolscopeValueError(f"{what} must be {_SIZE_HELP}; got {value!r}")
+    unit = match.group(2)
+    if unit not in _UNITS:
+        folded = {u.lower(): u for u in ("B", "KB", "MB", "GB", "TB")}
+        hint = ""
+        if unit.lower() in folded:
+            decimal, binary = folded[unit.lower()], folded[unit.lower()].replace("B", "iB")
+            hint = f" (write {match.group(1)}{decimal} for powers of 1000 or {match.group(1)}{binary} for powers of 1024)"
+        raise PoolscopeValueError(f"{what} must be {_SIZE_HELP}; got {value!r}{hint}")
     number = float(match.group(1)) * _UNITS[unit]
     if not math.isfinite(number):
-        raise ValueError(f"{what} is too large: {value!r}")
+        raise PoolscopeValueError(f"{what} is too large: {value!r}")
     return math.ceil(number)
 
 
@@ -54,52 +73,60 @@ def parse_threshold(value: object) -> int:
     return parse_bytes(value, "threshold")
 
 
-def parse_cap(value: object) -> int | None:
-    if value is None:
-        return None
-    return parse_bytes(value, "max_cached_bytes")
+def parse_limit(value: object, what: str) -> Optional[int]:
+    """A byte limit, or None for no limit."""
+    return None if value is None else parse_bytes(value, what)
+
+
+def parse_count(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _type_error(what, "an int >= 0", value)
+    if value < 0:
+        raise PoolscopeValueError(f"{what} must be an int >= 0; got {value}")
+    return value
 
 
 def parse_device(value: object, what: str = "device") -> torch.device:
-    """Normalise a device argument; ``cuda`` without an index means the current one."""
+    """Normalise a device argument; ``cuda`` without an index means the current one, ``cpu:0`` is ``cpu``."""
     if isinstance(value, bool) or not isinstance(value, (str, torch.device, int)):
-        raise TypeError(
-            f"{what} must be a str, torch.device or int such as 'cpu' or 'cuda:0'; "
-            f"got {value!r} of type {type(value).__name__}"
-        )
+        raise _type_error(what, "a str, torch.device or int such as 'cpu' or 'cuda:0'", value)
     try:
         device = torch.device(value)
     except RuntimeError as exc:
-        raise ValueError(f"{what} {value!r} is not a device: {exc}") from None
+        raise PoolscopeValueError(f"{what} {value!r} is not a device: {exc}") from None
+    if device.type == "cpu":
+        # The process has one CPU device, whatever index names it.
+        return torch.device("cpu")
     if device.type == "meta":
-        raise ValueError(f"{what} {value!r} has no memory to pool; use 'cpu' or an accelerator such as 'cuda'")
-    if device.type != "cpu":
-        module = getattr(torch, device.type, None)
-        is_available = getattr(module, "is_available", None)
-        if is_available is None or not is_available():
-            raise ValueError(f"{what} {value!r} is not available on this machine; use 'cpu'")
-        if device.index is None:
-            device = torch.device(device.type, module.current_device())
+        raise PoolscopeValueError(
+            f"{what} {value!r} has no memory to pool; use 'cpu' or an accelerator such as 'cuda'"
+        )
+    module = getattr(torch, device.type, None)
+    is_available = getattr(module, "is_available", None)
+    if is_available is None or not is_available():
+        raise PoolscopeValueError(f"{what} {value!r} is not available on this machine; use 'cpu'")
+    if device.index is None:
+        device = torch.device(device.type, module.current_device())
     return device
 
 
-def parse_capture(value: object) -> str:
+def parse_choice(value: object, what: str, allowed: tuple[str, ...]) -> str:
     if not isinstance(value, str):
-        raise TypeError(f"capture must be one of {CAPTURE_MODES}; got {value!r} of type {type(value).__name__}")
-    if value not in CAPTURE_MODES:
-        raise ValueError(f"capture must be one of {CAPTURE_MODES}; got {value!r}")
+        raise _type_error(what, f"one of {allowed}", value)
+    if value not in allowed:
+        raise PoolscopeValueError(f"{what} must be one of {allowed}; got {value!r}")
     return value
 
 
 def check_bool(value: object, what: str) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{what} must be True or False; got {value!r} of type {type(value).__name__}")
+        raise _type_error(what, "True or False", value)
     return value
 
 
-def check_name(value: object) -> str | None:
+def check_name(value: object) -> Optional[str]:
     if value is not None and not isinstance(value, str):
-        raise TypeError(f"name must be a str or None; got {value!r} of type {type(value).__name__}")
+        raise _type_error("name", "a str or None", value)
     return value
 
 
@@ -114,37 +141,60 @@ def _env_flag(env: Mapping[str, str], name: str) -> bool:
         return True
     if value in _FALSE:
         return False
-    raise ValueError(f"environment variable {name}={raw!r} is not a switch; use one of {_TRUE + _FALSE[:-1]}")
+    raise PoolscopeValueError(f"environment variable {name}={raw!r} is not a switch; use one of {_TRUE + _FALSE[:-1]}")
 
 
-def _env_bytes(env: Mapping[str, str], name: str, parse: Callable[[object], Optional[int]]) -> Optional[int]:
+def _env_value(env: Mapping[str, str], name: str, parse: Callable[[str], T]) -> Optional[T]:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return None
     try:
-        return parse(raw)
+        return parse(raw.strip())
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"environment variable {name}={raw!r} is invalid: {exc}") from None
+        raise PoolscopeValueError(f"environment variable {name}={raw!r} is invalid: {exc}") from None
 
 
-def _env_cap(env: Mapping[str, str]) -> Optional[int]:
-    raw = env.get("POOLSCOPE_MAX_CACHED", "")
-    if raw.strip().lower() in ("none", "unlimited"):
-        return None
-    return _env_bytes(env, "POOLSCOPE_MAX_CACHED", parse_cap)
+def _parse_cap(raw: str) -> Optional[int]:
+    return None if raw.lower() in ("none", "unlimited") else parse_bytes(raw, "max_cached_bytes")
 
 
-def load_environment(env: Mapping[str, str]) -> tuple[bool, int, Optional[int]]:
-    """(disabled, default threshold, default cap of the shared pools) from ``env``.
+class Environment:
+    """Defaults read from the environment (see :func:`load_environment`)."""
 
-    POOLSCOPE_DISABLE: 1/true/yes/on turns every scope into a no-op; 0/false/no/off or unset does not.
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.disabled = _env_flag(env, "POOLSCOPE_DISABLE")
+        threshold = _env_value(env, "POOLSCOPE_THRESHOLD", parse_threshold)
+        self.threshold = BUILTIN_THRESHOLD if threshold is None else threshold
+        self.max_cached = _env_value(env, "POOLSCOPE_MAX_CACHED", _parse_cap)
+        release_after = _env_value(env, "POOLSCOPE_RELEASE_AFTER", lambda s: parse_count(int(s), "release_after"))
+        self.release_after = BUILTIN_RELEASE_AFTER if release_after is None else release_after
+        self.engine = _env_value(env, "POOLSCOPE_ENGINE", _parse_engine)
+        self.cache_dir = env.get("POOLSCOPE_CACHE_DIR") or None
+
+
+def _parse_engine(raw: str) -> str:
+    if raw == "dispatch":
+        raise PoolscopeValueError(
+            "the dispatch-mode engine was removed in poolscope 0.2: any TorchDispatchMode on the stack makes some "
+            "ATen ops compute different bits (see docs/engines.md); use 'native' or 'passthrough'"
+        )
+    return parse_choice(raw, "POOLSCOPE_ENGINE", ENGINES)
+
+
+def load_environment(env: Mapping[str, str]) -> Environment:
+    """The defaults that environment variables set.
+
+    POOLSCOPE_DISABLE: 1/true/yes/on makes every scope pass-through (as POOLSCOPE_ENGINE=passthrough).
     POOLSCOPE_THRESHOLD: the default threshold, e.g. "4MiB".
     POOLSCOPE_MAX_CACHED: the default max_cached_bytes of get_pool()'s pools, or "none".
+    POOLSCOPE_RELEASE_AFTER: outermost-scope exits that size a pool's working set (default 100).
+    POOLSCOPE_ENGINE: "native" (fail loudly if it cannot be built) or "passthrough"; unset picks native
+        and falls back to passthrough with one warning.
+    POOLSCOPE_CACHE_DIR: where the native engine is built (default ~/.cache/poolscope).
     """
-    disabled = _env_flag(env, "POOLSCOPE_DISABLE")
-    threshold = _env_bytes(env, "POOLSCOPE_THRESHOLD", parse_threshold)
-    return disabled, BUILTIN_THRESHOLD if threshold is None else threshold, _env_cap(env)
+    return Environment(env)
 
 
 # Read once, at import: a bad value fails there, naming the variable.
-DISABLED, DEFAULT_THRESHOLD, DEFAULT_MAX_CACHED = load_environment(os.environ)
+ENV = load_environment(os.environ)
+DEFAULT_THRESHOLD = ENV.threshold

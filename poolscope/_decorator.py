@@ -9,9 +9,9 @@ import torch
 import wrapt
 
 from ._config import DEFAULT_THRESHOLD, ByteSize, DeviceLike
+from ._errors import PoolscopeTypeError, PoolscopeValueError
 from ._pool import TensorPool
-from ._scope import PoolScope
-from ._torch_compat import is_compiling
+from ._scope import PoolScope, Settings, make_settings
 
 __all__ = ["pooled_forward", "unpool"]
 
@@ -30,6 +30,8 @@ def pooled_forward(
     threshold: ByteSize = ...,
     capture: str = ...,
     pool: Optional[TensorPool] = ...,
+    max_bytes: Optional[ByteSize] = ...,
+    on_limit: str = ...,
     strict: bool = ...,
     name: Optional[str] = ...,
     enable_profiling: bool = ...,
@@ -41,8 +43,10 @@ def pooled_forward(
     *,
     device: Optional[DeviceLike] = None,
     threshold: ByteSize = DEFAULT_THRESHOLD,
-    capture: str = "factories",
+    capture: str = "all",
     pool: Optional[TensorPool] = None,
+    max_bytes: Optional[ByteSize] = None,
+    on_limit: str = "raise",
     strict: bool = False,
     name: Optional[str] = None,
     enable_profiling: bool = False,
@@ -66,7 +70,8 @@ def pooled_forward(
 
     Args:
         wrapped: the function; leave it out to pass keyword arguments.
-        device, threshold, capture, pool, strict, enable_profiling: as for :func:`pool_scope`.
+        device, threshold, capture, pool, max_bytes, on_limit, strict, enable_profiling: as for
+            :func:`pool_scope`.
         name: the row in :func:`report`; defaults to the function's qualified name.
 
     Returns:
@@ -77,38 +82,48 @@ def pooled_forward(
     undoes it. Other instances of the class are untouched.
 
     Raises:
-        TypeError: when given a class (decorate its ``forward`` instead) or
-            something that is not callable; TypeError/ValueError for bad settings.
-        ValueError: when the module instance is already pooled.
+        PoolscopeTypeError: when given a class (decorate its ``forward`` instead) or
+            something that is not callable; PoolscopeTypeError/PoolscopeValueError for bad settings.
+        PoolscopeValueError: when the module instance is already pooled.
+
+    Limits:
+        While ``torch.compile`` traces a decorated forward, the decorator steps aside
+        (no graph break) and the compiled forward runs unpooled; to pool compiled code,
+        put the scope around the call instead: ``with pool_scope(): compiled(x)``.
     """
-    settings: dict[str, Any] = dict(
-        device=device, threshold=threshold, capture=capture, pool=pool, strict=strict, enable_profiling=enable_profiling
+    keywords: dict[str, Any] = dict(
+        device=device, threshold=threshold, capture=capture, pool=pool, max_bytes=max_bytes, on_limit=on_limit,
+        strict=strict, enable_profiling=enable_profiling,
     )
     if wrapped is None:
-        PoolScope(**settings, name=name)  # fail here, at decoration, on a bad setting
-        return functools.partial(pooled_forward, **settings, name=name)
+        make_settings(**keywords, name=name)  # fail here, at decoration, on a bad setting
+        return functools.partial(pooled_forward, **keywords, name=name)
     if isinstance(wrapped, type):
-        raise TypeError(
+        raise PoolscopeTypeError(
             f"pooled_forward decorates a function or method, not the class {wrapped.__qualname__}; "
             "decorate its forward instead: `@poolscope.pooled_forward` above `def forward(self, ...)`"
         )
     if isinstance(wrapped, torch.nn.Module):
         module_name = f"{type(wrapped).__qualname__}.forward"
-        return _pool_instance(wrapped, PoolScope(**settings, name=module_name if name is None else name))
+        return _pool_instance(wrapped, make_settings(**keywords, name=module_name if name is None else name))
     if not (callable(wrapped) or isinstance(wrapped, (staticmethod, classmethod))):
-        raise TypeError(f"pooled_forward needs a function or method; got {wrapped!r} of type {type(wrapped).__name__}")
+        raise PoolscopeTypeError(
+            f"pooled_forward needs a function or method; got {wrapped!r} of type {type(wrapped).__name__}"
+        )
     qualname = getattr(getattr(wrapped, "__func__", wrapped), "__qualname__", None)
-    return _in_scope(PoolScope(**settings, name=qualname if name is None else name))(wrapped)
+    return _in_scope(make_settings(**keywords, name=qualname if name is None else name))(wrapped)
 
 
-def _in_scope(template: PoolScope) -> Any:
+def _in_scope(settings: Settings) -> Any:
+    is_compiling = torch.compiler.is_compiling
+
     @wrapt.decorator
     def run_in_scope(wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         # While torch.compile traces, run straight through: Dynamo then inlines the
         # forward without graph breaks; the compiled code runs unpooled.
         if is_compiling() or (instance is not None and getattr(instance, "enable_memory_pool", True) is False):
             return wrapped(*args, **kwargs)
-        with template._recreate_cm():
+        with PoolScope(settings):
             return wrapped(*args, **kwargs)
 
     return run_in_scope
@@ -118,14 +133,14 @@ _SAVED = "_poolscope_unpooled_forward"
 _NOTHING = object()
 
 
-def _pool_instance(module: torch.nn.Module, template: PoolScope) -> torch.nn.Module:
+def _pool_instance(module: torch.nn.Module, settings: Settings) -> torch.nn.Module:
     if _SAVED in module.__dict__:
-        raise ValueError(
+        raise PoolscopeValueError(
             f"this {type(module).__name__} is already pooled; call poolscope.unpool(module) first to change settings"
         )
     # An instance attribute shadows the class's forward for this module only.
     module.__dict__[_SAVED] = module.__dict__.get("forward", _NOTHING)
-    module.__dict__["forward"] = _in_scope(template)(module.forward)
+    module.__dict__["forward"] = _in_scope(settings)(module.forward)
     return module
 
 
@@ -142,13 +157,13 @@ def unpool(module: torch.nn.Module) -> torch.nn.Module:
         The same module.
 
     Raises:
-        TypeError: when ``module`` is not an ``nn.Module``.
-        ValueError: when it was not pooled with ``pooled_forward(module)``.
+        PoolscopeTypeError: when ``module`` is not an ``nn.Module``.
+        PoolscopeValueError: when it was not pooled with ``pooled_forward(module)``.
     """
     if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"unpool takes an nn.Module; got {module!r} of type {type(module).__name__}")
+        raise PoolscopeTypeError(f"unpool takes an nn.Module; got {module!r} of type {type(module).__name__}")
     if _SAVED not in module.__dict__:
-        raise ValueError(f"this {type(module).__name__} was not pooled with poolscope.pooled_forward(module)")
+        raise PoolscopeValueError(f"this {type(module).__name__} was not pooled with poolscope.pooled_forward(module)")
     saved = module.__dict__.pop(_SAVED)
     if saved is _NOTHING:
         del module.__dict__["forward"]

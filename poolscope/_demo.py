@@ -56,7 +56,6 @@ def run_demo(
     device: torch.device,
     threshold: int,
     repeats: int,
-    capture: str = "all",
     profile: bool = False,
     log: Callable[[str], None] = print,
 ) -> DemoResult:
@@ -64,13 +63,10 @@ def run_demo(
     generator = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, seq_len, 8, 64, device=device, generator=generator) for _ in range(3))
     buffer_mib = q.numel() * q.element_size() / 2**20
-    log(
-        f"dilated attention, sequence {seq_len}, 8 heads x 64, {buffer_mib:.0f} MiB per buffer, on {device}, "
-        f"capture={capture!r}"
-    )
+    log(f"dilated attention, sequence {seq_len}, 8 heads x 64, {buffer_mib:.0f} MiB per buffer, on {device}")
 
     def pooled() -> torch.Tensor:
-        with pool_scope(threshold=threshold, capture=capture, name="dilated_attention", enable_profiling=profile):
+        with pool_scope(device, threshold=threshold, name="dilated_attention", enable_profiling=profile):
             return dilated_attention(q, k, v)
 
     plain_times: list[float] = []

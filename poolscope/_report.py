@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from ._errors import PoolscopeWarning
 from ._stats import ScopeStats
 
-__all__ = ["record", "report", "reset_report", "report_rows"]
+__all__ = ["record", "report", "reset_report", "report_rows", "warn_at_caller"]
 
 IDLE_CALLS_WARNING = 100  # a named scope that routed nothing in this many calls is suspicious
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_at_caller(message: str, category: type[Warning] = PoolscopeWarning) -> None:
+    """Warn, attributed to the first frame outside poolscope, contextlib and wrapt: the user's line."""
+    import contextlib
+
+    skipped = (_PACKAGE_DIR, os.path.abspath(contextlib.__file__))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename.startswith(skipped) or "wrapt" in frame.f_code.co_filename):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level + 1)
 
 
 @dataclass
@@ -21,21 +37,29 @@ class ReportRow:
     allocations_routed: int = 0
     bytes_routed: int = 0
     hits: int = 0
+    fallbacks: int = 0
     peak_bytes_in_use: int = 0
     escaped: int = 0
     alloc_seconds: float = 0.0
     warned_idle: bool = False
+    escapes: list[Any] = field(default_factory=list)  # backends of calls whose tensors are still alive
 
     @property
     def hit_rate(self) -> float:
         return self.hits / self.allocations_routed if self.allocations_routed else 0.0
+
+    def bytes_in_use(self) -> int:
+        """Pooled bytes lent during this scope's calls that are still alive."""
+        alive = [(b, b.stats()["bytes_in_use"]) for b in self.escapes]
+        self.escapes = [b for b, n in alive if n]
+        return sum(n for _, n in alive)
 
 
 _lock = threading.Lock()
 _rows: dict[str, ReportRow] = {}
 
 
-def record(stats: ScopeStats, threshold: int) -> None:
+def record(stats: ScopeStats, threshold: int, backend: Any) -> None:
     """Add one finished call of a named scope to the report."""
     if stats.name is None:
         return
@@ -47,25 +71,29 @@ def record(stats: ScopeStats, threshold: int) -> None:
         row.allocations_routed += stats.allocations_routed
         row.bytes_routed += stats.bytes_routed
         row.hits += stats.hits
+        row.fallbacks += stats.fallbacks
         row.peak_bytes_in_use = max(row.peak_bytes_in_use, stats.peak_bytes_in_use)
         row.escaped += stats.escaped
         row.alloc_seconds += stats.alloc_seconds
+        if stats.bytes_in_use:
+            row.escapes.append(backend)
+            if len(row.escapes) > 64:
+                row.bytes_in_use()  # drop calls whose tensors have died since
         warn_idle = row.calls >= IDLE_CALLS_WARNING and row.allocations_routed == 0 and not row.warned_idle
         if warn_idle:
             row.warned_idle = True
     if warn_idle:
-        warnings.warn(
-            f"scope {stats.name!r} ran {row.calls} times and routed nothing: every allocation it made was "
-            f"below threshold={threshold} bytes; lower the threshold or drop the scope",
-            PoolscopeWarning,
-            stacklevel=4,
+        warn_at_caller(
+            f"scope {stats.name!r} ran {row.calls} times and pooled nothing: every allocation its thread made "
+            f"inside it was smaller than threshold={threshold} bytes. If its large tensors are smaller than that, "
+            f"lower the threshold (e.g. threshold='256KiB'); if it has no large tensors, it gains nothing from a scope"
         )
 
 
 def report_rows() -> list[ReportRow]:
-    """Copies of the rows, largest bytes routed first."""
+    """The rows, largest bytes routed first."""
     with _lock:
-        rows = [ReportRow(**vars(r)) for r in _rows.values()]
+        rows = list(_rows.values())
     return sorted(rows, key=lambda r: (-r.bytes_routed, r.name))
 
 
@@ -85,10 +113,16 @@ def report() -> str:
             model(x)                     # forward decorated with @pooled_forward
         print(poolscope.report())
 
+    Columns: calls; allocations routed and their MiB; hit rate (served from
+    cached memory); peak MiB (the most pooled bytes alive at once in one call,
+    nested scopes included); live MiB (pooled bytes from finished calls still
+    alive now: outputs you kept); escaped (tensors alive at a call's exit);
+    fallbacks (served by the ordinary allocator); alloc ms (time in the pool).
+
     Returns:
         The table as a string (a header line only when nothing was recorded).
     """
-    header = ("scope", "calls", "routed", "MiB routed", "hit rate", "peak MiB", "escaped", "alloc ms")
+    header = ("scope", "calls", "routed", "MiB routed", "hit rate", "peak MiB", "live MiB", "escaped", "fallbacks", "alloc ms")
     lines = [
         (
             r.name,
@@ -97,7 +131,9 @@ def report() -> str:
             _mib(r.bytes_routed),
             f"{r.hit_rate:.0%}",
             _mib(r.peak_bytes_in_use),
+            _mib(r.bytes_in_use()),
             str(r.escaped),
+            str(r.fallbacks),
             f"{r.alloc_seconds * 1e3:.1f}",
         )
         for r in report_rows()

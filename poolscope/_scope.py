@@ -1,13 +1,12 @@
-"""``pool_scope``: route large factory allocations of one thread into per-device pools.
+"""``pool_scope``: serve a thread's large allocations from a pool, and give them back automatically.
 
-Interception is a TorchDispatchMode rather than a TorchFunctionMode: a
-function mode makes ``has_torch_function`` true, which silently switches
-modules such as ``nn.TransformerEncoder`` off their fast path and changes
-their output bits; a dispatch mode does not.
-
-One mode serves all nested scopes of a thread, so decorated forwards nested
-inside each other add no extra Python layer per op; the innermost scope on
-the thread's stack decides how each allocation is routed.
+A scope belongs to the thread that enters it, as ``torch.no_grad`` does:
+entering pushes it on that thread's stack of open scopes (kept in C++ by the
+native engine, where the allocator reads it) and the innermost one decides
+how an allocation is routed. Exits may come out of order (a generator's scope
+closed inside its caller's): the scope leaves the stack and the others stay
+open. An exit from another thread raises :class:`PoolscopeError` and changes
+nothing.
 """
 
 from __future__ import annotations
@@ -15,418 +14,339 @@ from __future__ import annotations
 import contextlib
 import gc
 import threading
-import time
 import warnings
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
 
-from . import _config, _report
+from . import _report
 from ._config import (
+    CAPTURE_MODES,
     DEFAULT_THRESHOLD,
+    ON_LIMIT,
     ByteSize,
     DeviceLike,
     check_bool,
     check_name,
-    parse_capture,
+    parse_choice,
     parse_device,
+    parse_limit,
     parse_threshold,
 )
-from ._errors import EscapeError, PoolscopeError, PoolscopeWarning
-from ._factories import CAPTURED, Factory, plan
-from ._faults import step
-from ._outputs import output_layout, output_plan
-from ._pool import Lease, Tally, TensorPool, get_pool
-from ._snapshot import capture_frames
+from ._engine import NO_LIMIT, ScopeBackend
+from ._errors import EscapeError, PoolscopeError, PoolscopeTypeError, PoolscopeValueError, ScopeLimitError
+from ._pool import TensorPool, get_pool
 from ._stats import ScopeStats
-from ._torch_compat import (
-    TorchDispatchMode,
-    dispatch_mode_stack,
-    exit_dispatch_mode,
-    infra_mode_active,
-    profiler_enabled,
-)
+from ._torch_compat import profiler_enabled
 
 __all__ = ["PoolScope", "pool_scope"]
 
-_state = threading.local()
+
+@dataclass(frozen=True)
+class Settings:
+    """A scope's validated settings; decorators copy them for every call."""
+
+    device: Optional[torch.device]
+    threshold: int
+    pool: Optional[TensorPool]
+    max_bytes: Optional[int]
+    on_limit: str
+    strict: bool
+    name: Optional[str]
+    profiling: bool
+    ticks: bool = True
 
 
-def _scope_stack() -> list[PoolScope]:
-    stack = getattr(_state, "stack", None)
-    if stack is None:
-        stack = _state.stack = []
-    return stack
-
-
-def current_scope() -> Optional[PoolScope]:
-    """The innermost active scope of the calling thread, if any."""
-    stack = getattr(_state, "stack", None)
-    return stack[-1] if stack else None
-
-
-class _PoolMode(TorchDispatchMode):
-    @classmethod
-    def ignore_compile_internals(cls) -> bool:
-        # Without this, torch.compile'd code called inside a scope silently runs
-        # eagerly. With it, Dynamo compiles as usual (this mode is off while it
-        # traces) and the compiled code runs with the mode on: ops that still go
-        # through the dispatcher (eager and aot_eager backends) are pooled,
-        # Inductor's own buffers are not.
-        return True
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        # PyTorch otherwise wraps __torch_dispatch__ in torch._disable_dynamo, which
-        # imports torch._dynamo on the first op (about 1 s and 70 MiB of RSS) and adds
-        # ~0.7 µs per op. Dynamo never traces this handler anyway: the mode is off while
-        # Dynamo compiles (ignore_compile_internals), and compiled code calls it from C++.
-        return False
-
-    def __init__(self, stack: list[PoolScope]) -> None:
-        super().__init__()
-        self._stack = stack
-        self._owner = threading.get_ident()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        stack = self._stack
-        # Autograd copies the mode stack into its worker threads; a scope
-        # routes only the thread that opened it.
-        if stack and threading.get_ident() == self._owner:
-            scope = stack[-1]
-            spec = CAPTURED.get(func)
-            if spec is not None:
-                return scope._route_factory(func, spec, args, kwargs or {})
-            if scope._capture_all:
-                return scope._route_output(func, args, kwargs or {})
-        return func(*args, **kwargs) if kwargs else func(*args)
+def make_settings(
+    device: Optional[DeviceLike],
+    threshold: ByteSize,
+    capture: str,
+    pool: Optional[TensorPool],
+    max_bytes: Optional[ByteSize],
+    on_limit: str,
+    strict: bool,
+    name: Optional[str],
+    enable_profiling: bool,
+) -> Settings:
+    dev = None if device is None else parse_device(device)
+    if parse_choice(capture, "capture", CAPTURE_MODES) == "factories":
+        warnings.warn(
+            "pool_scope(capture='factories') is deprecated and means the same as the default: the native engine "
+            "sees every allocation, factory or not, and pools each one of at least `threshold` bytes; drop the argument",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+    if pool is not None and not isinstance(pool, TensorPool):
+        raise PoolscopeTypeError(
+            f"pool must be a poolscope.TensorPool or None; got {pool!r} of type {type(pool).__name__}"
+        )
+    if pool is not None and dev is not None and pool.device != dev:
+        raise PoolscopeValueError(
+            f"pool is on {pool.device} but device={str(dev)!r}; pass one of them or make them agree"
+        )
+    return Settings(
+        device=dev,
+        threshold=parse_threshold(threshold),
+        pool=pool,
+        max_bytes=parse_limit(max_bytes, "max_bytes"),
+        on_limit=parse_choice(on_limit, "on_limit", ON_LIMIT),
+        strict=check_bool(strict, "strict"),
+        name=check_name(name),
+        profiling=check_bool(enable_profiling, "enable_profiling"),
+    )
 
 
 class PoolScope(contextlib.ContextDecorator):
-    """A context (and decorator) inside which large tensor allocations come from a pool.
+    """A context (and decorator) inside which large allocations of this thread come from a pool.
 
     Create it with :func:`pool_scope`. ``stats`` reports what it routed.
     """
 
-    def __init__(
-        self,
-        device: Optional[DeviceLike] = None,
-        *,
-        threshold: ByteSize = DEFAULT_THRESHOLD,
-        capture: str = "factories",
-        pool: Optional[TensorPool] = None,
-        strict: bool = False,
-        name: Optional[str] = None,
-        enable_profiling: bool = False,
-    ) -> None:
-        self._device = None if device is None else parse_device(device)
-        self._threshold = parse_threshold(threshold)
-        self._capture = parse_capture(capture)
-        self._capture_all = self._capture == "all"
-        if pool is not None and not isinstance(pool, TensorPool):
-            raise TypeError(
-                f"pool must be a poolscope.TensorPool or None; got {pool!r} of type {type(pool).__name__}"
-            )
-        if pool is not None and self._device is not None and pool.device != self._device:
-            raise ValueError(
-                f"pool is on {pool.device} but device={str(self._device)!r}; pass one of them or make them agree"
-            )
-        self._pool = pool
-        self._strict = check_bool(strict, "strict")
-        self._name = check_name(name)
-        self._profiling = check_bool(enable_profiling, "enable_profiling")
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._backend: Optional[ScopeBackend] = None
+        self._owner: Optional[int] = None
         self._active = False
-        self._mode: Optional[_PoolMode] = None
-        self._parent: Optional[PoolScope] = None
-        self._profile_now = enable_profiling
+        self._final: Optional[ScopeStats] = None
         self._range: Any = None
-        self._reset()
-
-    def _reset(self) -> None:
-        self._tally = Tally()
-        self._pools: set[TensorPool] = set()
-        self._routed = 0
-        self._bytes = 0
-        self._hits = 0
-        self._misses = 0
-        self._escaped = 0
-        self._escaped_leases: tuple[Lease, ...] = ()
-        self._alloc_seconds = 0.0
 
     def _recreate_cm(self) -> PoolScope:
         # Each call of a decorated function gets a scope of its own.
-        return PoolScope(
-            self._device,
-            threshold=self._threshold,
-            capture=self._capture,
-            pool=self._pool,
-            strict=self._strict,
-            name=self._name,
-            enable_profiling=self._profiling,
-        )
+        return PoolScope(self._settings)
 
     @property
     def name(self) -> Optional[str]:
-        return self._name
+        return self._settings.name
 
     @property
     def threshold(self) -> int:
-        """Allocations needing at least this many bytes are pooled."""
-        return self._threshold
+        """Allocations of at least this many bytes are pooled."""
+        return self._settings.threshold
 
     @property
-    def device(self) -> Optional[torch.device]:
-        """The only device this scope routes, or None for every device."""
-        return self._pool.device if self._pool is not None else self._device
+    def max_bytes(self) -> Optional[int]:
+        """The most pooled bytes alive at once on this scope's behalf; None for no limit."""
+        return self._settings.max_bytes
+
+    @property
+    def device(self) -> torch.device:
+        """The device this scope routes."""
+        s = self._settings
+        return s.pool.device if s.pool is not None else (s.device or torch.device("cpu"))
+
+    @property
+    def active(self) -> bool:
+        return self._active
 
     @property
     def stats(self) -> ScopeStats:
         """This scope's figures: live while it is active, final after it exits."""
+        if self._final is not None:
+            return self._final
+        if self._backend is None:
+            return ScopeStats(name=self.name)
+        return self._live_stats(escaped=None)
+
+    def _live_stats(self, escaped: Optional[int]) -> ScopeStats:
+        assert self._backend is not None
+        f = self._backend.stats()
         return ScopeStats(
-            name=self._name,
-            allocations_routed=self._routed,
-            bytes_routed=self._bytes,
-            hits=self._hits,
-            misses=self._misses,
-            escaped=self._escaped if not self._active else len(self._tally.leases),
-            peak_bytes_in_use=self._tally.peak_bytes,
-            alloc_seconds=self._alloc_seconds,
+            name=self.name,
+            allocations_routed=f["allocations_routed"],
+            bytes_routed=f["bytes_routed"],
+            hits=f["hits"],
+            misses=f["misses"],
+            fallbacks=f["fallbacks"],
+            escaped=f["blocks_in_use"] if escaped is None else escaped,
+            bytes_in_use=f["bytes_in_use"],
+            peak_bytes_in_use=f["peak_bytes_in_use"],
+            alloc_seconds=f["alloc_seconds"],
         )
 
-    def live_leases(self) -> list[Lease]:
-        """The blocks this scope lent (nested scopes' escapes included) that are alive.
+    def reset_peak(self) -> None:
+        """Restart ``stats.peak_bytes_in_use`` from the bytes alive now (while active)."""
+        if self._backend is not None and self._active:
+            self._backend.reset_peak()
 
-        While active: those alive now. After exit: those that escaped it.
+    def live_blocks(self) -> list[dict[str, Any]]:
+        """The pooled blocks lent on this scope's behalf that are still alive.
+
+        Each is a dict with ``address``, ``size``, ``requested_size`` and
+        ``frames`` (where it was allocated, innermost first; empty unless profiling).
         """
-        return list(self._tally.leases.values()) if self._active else list(self._escaped_leases)
+        return [] if self._backend is None else self._backend.live_blocks()
 
     def __repr__(self) -> str:
-        device = "None" if self.device is None else repr(str(self.device))
+        s = self._settings
         return (
-            f"PoolScope(device={device}, threshold={self._threshold}, capture={self._capture!r}, "
-            f"strict={self._strict}, name={self._name!r}, active={self._active})"
+            f"PoolScope(device={str(self.device)!r}, threshold={s.threshold}, max_bytes={s.max_bytes}, "
+            f"on_limit={s.on_limit!r}, strict={s.strict}, name={s.name!r}, active={self._active})"
         )
 
     def __enter__(self) -> PoolScope:
         if self._active:
             raise PoolscopeError(f"{self!r} is already active; create a new pool_scope() for a nested scope")
-        self._reset()
-        step("scope.enter")
-        if _config.DISABLED:
-            self._active = True
-            return self
-        stack = _scope_stack()
-        try:
-            if profiler_enabled():
-                self._range = torch.autograd.profiler.record_function(f"poolscope:{self._name or 'pool_scope'}")
-                self._range.__enter__()
-            step("scope.mode")
-            if not stack or not _mode_installed(stack):
-                mode = _PoolMode(stack)
-                mode.__enter__()
-                self._mode = mode
-            self._parent = stack[-1] if stack else None
-            # Profiling asked for by an enclosing scope covers nested ones too.
-            self._profile_now = self._profiling or (self._parent is not None and self._parent._profile_now)
-            step("scope.push")
-            stack.append(self)
-        except BaseException:
-            self._unwind(stack)
-            raise
+        s = self._settings
+        pool = s.pool if s.pool is not None else get_pool(self.device)
+        backend = pool._engine.new_scope(
+            pool._backend,
+            s.threshold,
+            NO_LIMIT if s.max_bytes is None else s.max_bytes,
+            s.on_limit == "fallback",
+            s.profiling,
+            s.name or "",
+            s.ticks,
+        )
+        if profiler_enabled():
+            self._range = torch.autograd.profiler.record_function(f"poolscope:{s.name or 'pool_scope'}")
+            self._range.__enter__()
+        self._backend, self._final = backend, None
+        backend.enter()
+        self._owner = threading.get_ident()
         self._active = True
         return self
 
-    def _unwind(self, stack: list[PoolScope]) -> None:
-        """Leave nothing of this scope behind: off the scope stack, its mode and range exited."""
-        if stack and stack[-1] is self:
-            stack.pop()
-        elif self in stack:
-            stack.remove(self)
-        mode, self._mode = self._mode, None
-        rng, self._range = self._range, None
-        self._active = False
-        try:
-            if mode is not None:
-                exit_dispatch_mode(mode)
-        finally:
-            if rng is not None:
-                rng.__exit__(None, None, None)
-
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        try:
-            step("scope.exit")
-        finally:
-            self._unwind(_scope_stack())
-        step("scope.finish")
+        if not self._active or self._backend is None:
+            raise PoolscopeError(f"{self!r} is not active: it was never entered or has already exited")
+        here = threading.get_ident()
+        if here != self._owner:
+            raise PoolscopeError(
+                f"{self!r} was entered in thread {self._owner} and is being exited from thread {here}; a scope "
+                "belongs to the thread that entered it (as torch.no_grad does): exit it there"
+            )
+        outcome = self._backend.exit()
+        if outcome != "ok":
+            raise PoolscopeError(f"{self!r} could not exit ({outcome}); this is a poolscope bug, please report it")
+        self._active = False
+        rng, self._range = self._range, None
+        if rng is not None:
+            rng.__exit__(None, None, None)
         self._finish()
-        if self._name is not None and not _config.DISABLED:
-            _report.record(self.stats, self._threshold)
-        if self._strict and self._escaped and exc_type is None:
+        if exc_type is not None and issubclass(exc_type, torch.OutOfMemoryError) and not isinstance(exc, ScopeLimitError):
+            refused = self._backend.limit_error()
+            if refused is not None:
+                raise ScopeLimitError(_limit_report(*refused)) from exc
+        if self._settings.strict and self._final is not None and self._final.escaped and exc_type is None:
             raise EscapeError(
-                f"pool_scope(strict=True{'' if self._name is None else f', name={self._name!r}'}) exited with "
-                f"{self._escaped} pooled tensor(s) still alive; drop every reference to tensors created inside "
-                "the scope before it ends (return copies with .clone() outside the scope), or use strict=False"
+                f"pool_scope(strict=True{'' if self.name is None else f', name={self.name!r}'}) exited with "
+                f"{self._final.escaped} pooled tensor(s) still alive; drop every reference to tensors created "
+                "inside the scope before it ends (return copies with .clone() made outside the scope), or use "
+                "strict=False"
             )
 
     def _finish(self) -> None:
-        for pool in self._pools:
-            pool.trim()
-        if self._strict and self._tally.leases:
-            # Tensors held only by garbage cycles are not escapes.
-            gc.collect()
-            for pool in self._pools:
-                pool.trim()
-        self._escaped_leases = tuple(self._tally.leases.values())
-        self._escaped = len(self._escaped_leases)
-        parent, self._parent = self._parent, None
-        if parent is not None and parent._active and self._escaped:
-            # What escapes an inner scope lives on inside the outer one.
-            parent._pools |= self._pools
-            self._tally.hand_over(parent._tally)
-
-    def _route_factory(self, func: Any, spec: Factory, args: tuple, kwargs: dict) -> Any:
-        try:
-            request = plan(spec, args, kwargs, self._threshold)
-        except Exception:
-            request = None
-        out = None
-        if request is not None and request.nbytes:
-            out = self._lend(request.device, request.size, request.stride, request.dtype, request.nbytes)
-        if out is None:
-            return func(*args, **kwargs)
-        if spec.fill is not None:
-            try:
-                spec.fill(out, args, kwargs)
-            except Exception:
-                # Let PyTorch run the call and raise its own error.
-                del out
-                return func(*args, **kwargs)
-        return out
-
-    def _route_output(self, func: Any, args: tuple, kwargs: dict) -> Any:
-        plan_ = output_plan(func)
-        found = output_layout(func, plan_, args, kwargs, self._threshold) if plan_ is not None else None
-        out = None
-        if found is not None:
-            device, layout = found
-            out = self._lend(device, layout.size, layout.stride, layout.dtype, layout.nbytes)
-        if out is None or plan_ is None:
-            return func(*args, **kwargs)
-        try:
-            plan_.out_op(*args, **kwargs, **{plan_.out_name: out})
-        except Exception:
-            del out
-            return func(*args, **kwargs)
-        return out
-
-    def _lend(
-        self, device: torch.device, size: tuple, stride: tuple, dtype: torch.dtype, nbytes: int
-    ) -> Optional[torch.Tensor]:
-        """A pooled tensor of this layout, or None when this scope must leave the call alone."""
-        if (self._device is not None and device != self._device) or infra_mode_active():
-            return None
-        pool = self._pool
-        if pool is None:
-            pool = get_pool(device)
-        elif pool.device != device:
-            return None
-        if pool not in self._pools:
-            self._first_use(pool)
-        frames = capture_frames(3) if self._profile_now else None
-        start = time.perf_counter()
-        lent = pool.lend(size, stride, dtype, nbytes, self._tally, frames)
-        self._alloc_seconds += time.perf_counter() - start
-        if lent is None:
-            return None  # the pool could not grow: the ordinary allocator serves this one
-        out, hit = lent
-        self._routed += 1
-        self._bytes += nbytes
-        if hit:
-            self._hits += 1
-        else:
-            self._misses += 1
-        return out
+        assert self._backend is not None
+        if self._settings.strict and self._backend.stats()["blocks_in_use"]:
+            gc.collect()  # tensors held only by garbage cycles are not escapes
+        self._final = self._live_stats(escaped=None)
+        if self.name is not None:
+            _report.record(self._final, self._settings.threshold, self._backend)
 
 
-    def _first_use(self, pool: TensorPool) -> None:
-        self._pools.add(pool)
-        cap = pool.max_cached_bytes
-        if cap is not None and cap < self._threshold and not pool.warned_cap:
-            pool.warned_cap = True
-            warnings.warn(
-                f"the {pool.device} pool caps its cache at max_cached_bytes={cap}, below this scope's "
-                f"threshold={self._threshold}: no block it lends can be kept for reuse; raise the cap",
-                PoolscopeWarning,
-                stacklevel=5,
-            )
+def _limit_report(message: str, blocks: list[dict[str, Any]]) -> str:
+    lines = [message]
+    if blocks:
+        lines.append("Alive when it was refused:")
+        lines += [f"  - {describe_block(b)}" for b in blocks[:20]]
+        if len(blocks) > 20:
+            lines.append(f"  ... and {len(blocks) - 20} more")
+        if not any(b["frames"] for b in blocks):
+            lines.append("(pass enable_profiling=True to see where each block was allocated)")
+    return "\n".join(lines)
 
 
-def _mode_installed(stack: list[PoolScope]) -> bool:
-    modes = dispatch_mode_stack()
-    return any(scope._mode is not None and scope._mode in modes for scope in stack)
+def describe_block(block: dict[str, Any]) -> str:
+    """One line for a pooled block: its size, what was asked for, and where when known."""
+    text = f"{block['size'] / 2**20:.2f} MiB block ({block['requested_size']} bytes requested)"
+    frame = user_frame(block["frames"])
+    if frame is not None:
+        text += f", allocated at {frame['filename']}:{frame['line']} in {frame['name']}"
+    return text
+
+
+_TORCH_DIR = torch.__file__.rsplit("/", 1)[0] + "/"
+_PACKAGE_DIR = __file__.rsplit("/", 1)[0] + "/"
+
+
+def user_frame(frames: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The innermost frame outside torch and poolscope: the line that asked for the memory."""
+    for frame in frames:
+        name = frame["filename"]
+        if not name.startswith(_TORCH_DIR) and not name.startswith(_PACKAGE_DIR):
+            return frame
+    return frames[0] if frames else None
 
 
 def pool_scope(
     device: Optional[DeviceLike] = None,
     *,
     threshold: ByteSize = DEFAULT_THRESHOLD,
-    capture: str = "factories",
+    capture: str = "all",
     pool: Optional[TensorPool] = None,
+    max_bytes: Optional[ByteSize] = None,
+    on_limit: str = "raise",
     strict: bool = False,
     name: Optional[str] = None,
     enable_profiling: bool = False,
 ) -> PoolScope:
-    """Serve large tensor allocations of this thread from a pool, and give them back automatically.
+    """Serve this thread's large allocations from a pool, and give them back automatically.
 
-    Inside the scope every factory call (``torch.empty``, ``zeros``, ``ones``,
-    ``full``, ``rand``, ``randn``, ``randint``, ``empty_strided``, their
-    ``*_like`` forms, ``Tensor.new_*``, ``arange``, ``eye``, ``linspace``)
-    whose result needs at least ``threshold`` bytes gets its memory from the
-    pool of its device. A block returns to the pool the moment the last
-    reference to its memory dies (views, storages and tensors saved for
-    backward count); it is never lent while referenced. Results are
+    Inside the scope every CPU allocation of at least ``threshold`` bytes that
+    this thread makes (factories, op outputs, multi-output and fused kernels,
+    backward run in this thread, compiled code's buffers) gets its memory from
+    the device's pool. A block returns the moment the last reference to its
+    memory dies (views, storages and tensors saved for backward count) and is
+    never lent while referenced. The same kernels run, so results are
     bit-identical to running without the scope.
 
     Example::
 
         with poolscope.pool_scope() as scope:
             out = model(x)
-        print(scope.stats.allocations_routed, scope.stats.escaped)
+        print(scope.stats.allocations_routed, scope.stats.peak_bytes_in_use)
 
-        @poolscope.pool_scope(threshold="4MiB")
+        @poolscope.pool_scope(threshold="4MiB", max_bytes="2GiB")
         def step(x): ...
 
     Args:
-        device: route only allocations on this device; None routes every device.
+        device: the device to route ("cpu", the default); a device without a
+            native route gets a scope that passes everything through.
         threshold: smallest allocation pooled, in bytes or as "1MiB", "512KB"
             (KB=1000, KiB=1024); default 1 MiB. Exactly-threshold requests are pooled.
-        capture: "factories" (default) pools factory calls only; "all" also serves the
-            output of every ATen op that has a fresh single-tensor output and an ``out=``
-            overload (matmul, softmax, elementwise ops, cat, reductions, ...).
+        capture: "all" (the default). "factories" is deprecated and means the same.
         pool: a :class:`TensorPool` to use instead of the device's shared pool.
+        max_bytes: the most pooled bytes alive at once on this scope's behalf
+            (nested scopes count toward it); None for no limit.
+        on_limit: past ``max_bytes``: "raise" (the default; ``torch.OutOfMemoryError``
+            inside the scope, :class:`ScopeLimitError` once it propagates out of it)
+            or "fallback" (PyTorch's ordinary allocator serves it, counted in
+            ``stats.fallbacks``).
         strict: raise :class:`EscapeError` at exit if pooled tensors are still alive.
         name: accumulate this scope's figures under this name in :func:`report`,
             and label it in torch.profiler traces.
-        enable_profiling: record the Python stack of each pooled allocation and an
-            alloc/free timeline for :func:`snapshot` (costly; off by default).
+        enable_profiling: record where each pooled allocation was made (Python
+            stack) for leak reports, limit errors and :func:`snapshot`; costs a
+            stack capture per pooled allocation.
 
     Returns:
         A :class:`PoolScope`; ``with pool_scope() as s`` binds it, ``s.stats`` holds its figures.
 
     Raises:
-        TypeError, ValueError: for a bad argument, naming it and what is allowed.
+        PoolscopeTypeError, PoolscopeValueError: for a bad argument, naming it and
+            what is allowed (they are also TypeError and ValueError).
 
     Limits:
-        The scope belongs to the thread that entered it. Meta and fake tensors,
-        ``out=`` calls, non-strided layouts and pinned memory are never pooled.
-        A pooled tensor's storage cannot be grown with ``resize_``.
+        The scope belongs to the thread that entered it: other threads' allocations
+        (intra-op worker threads included) are left alone, and an ``asyncio`` task
+        suspended inside a scope leaves it routing whatever else runs on that thread,
+        as ``torch.no_grad`` would. Pinned memory is never pooled.
     """
-    return PoolScope(
-        device,
-        threshold=threshold,
-        capture=capture,
-        pool=pool,
-        strict=strict,
-        name=name,
-        enable_profiling=enable_profiling,
-    )
+    settings = make_settings(device, threshold, capture, pool, max_bytes, on_limit, strict, name, enable_profiling)
+    return PoolScope(settings)
+
+
+def internal_scope(settings: Settings) -> PoolScope:
+    """A scope for poolscope's own use whose exit does not count toward the cache's working set."""
+    return PoolScope(replace(settings, ticks=False))

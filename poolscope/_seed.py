@@ -1,33 +1,38 @@
-"""The seed's global-pool interface, kept so that hand-written integrations keep working.
+"""The hand-written global-pool interface, kept so that integrations written against it keep working.
 
-The seed template calls ``get_global_memory_pool(...)``, ``allocate(shape,
-dtype, device)`` and ``deallocate(tensor)``. Here ``allocate`` lends a pooled
-block whose memory comes back by itself when the tensor dies, so
-``deallocate`` is only a hint: it can never free memory that is still
-referenced, and calling it twice is harmless.
+Before poolscope, long-sequence attention code (the dilated-attention project
+whose integration guide ships in ``shared/seed/``) threaded a global pool
+through its modules: ``get_global_memory_pool(...)``, then
+``allocate(shape, dtype, device, strategy)`` and ``deallocate(tensor)``. Here
+``allocate`` serves the tensor from the device's pool and its memory comes
+back by itself when the tensor dies, so ``deallocate`` is only a hint: it can
+never free memory that is still referenced, and calling it twice is harmless.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Sequence
 from typing import Optional, Union
 
 import torch
 
-from ._config import DeviceLike, check_bool, parse_device
-from ._pool import contiguous_strides, get_pool
-from ._snapshot import capture_frames
+from ._config import DeviceLike, check_bool, parse_choice, parse_device
+from ._errors import PoolscopeTypeError, PoolscopeValueError
+from ._pool import get_pool
+from ._scope import Settings, internal_scope
 from ._stats import PoolStats
 
 __all__ = ["GlobalMemoryPool", "get_global_memory_pool"]
 
 Shape = Union[int, Sequence[int]]
+# The hand-written pool's strategies; poolscope picks blocks itself, so all but
+# "fallback" (plain PyTorch allocation) mean the same.
+STRATEGIES = ("auto", "bucketed", "fragment_aware", "numa_aware", "fallback")
 
 
 class GlobalMemoryPool:
-    """Seed-compatible facade over the per-device pools. Get it with :func:`get_global_memory_pool`."""
+    """Facade over the per-device pools with the hand-written pool's API. Get it with :func:`get_global_memory_pool`."""
 
     def __init__(self, enable_profiling: bool = False) -> None:
         self.enable_profiling = check_bool(enable_profiling, "enable_profiling")
@@ -36,7 +41,9 @@ class GlobalMemoryPool:
         self,
         shape: Shape,
         dtype: torch.dtype = torch.float32,
-        device: DeviceLike = "cpu",
+        device: Optional[DeviceLike] = None,
+        strategy: str = "auto",
+        *,
         zero_init: bool = True,
     ) -> torch.Tensor:
         """Return a contiguous tensor whose memory comes from the device's pool.
@@ -49,35 +56,44 @@ class GlobalMemoryPool:
         Args:
             shape: an int or a sequence of non-negative ints.
             dtype: any torch dtype (int and bool included).
-            device: where to allocate.
-            zero_init: fill with zeros (the seed's default) instead of leaving it uninitialised.
+            device: where to allocate; None means CUDA when available, else CPU
+                (as the hand-written pool did).
+            strategy: accepted for compatibility: "auto", "bucketed", "fragment_aware" and
+                "numa_aware" all use the pool; "fallback" allocates outside it.
+            zero_init: fill with zeros instead of leaving the memory uninitialised.
 
         Raises:
-            TypeError, ValueError: for a bad shape, dtype or device.
+            PoolscopeTypeError, PoolscopeValueError: for a bad shape, dtype, device or strategy.
         """
         size = _parse_shape(shape)
         if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"dtype must be a torch.dtype such as torch.float32; got {dtype!r}")
+            raise PoolscopeTypeError(f"dtype must be a torch.dtype such as torch.float32; got {dtype!r}")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = parse_device(device)
-        check_bool(zero_init, "zero_init")
-        nbytes = math.prod(size) * dtype.itemsize
-        if nbytes == 0:
-            return torch.empty(size, dtype=dtype, device=dev)
-        frames = capture_frames(2) if self.enable_profiling else None
-        lent = get_pool(dev).lend(size, contiguous_strides(size), dtype, nbytes, frames=frames)
-        tensor = torch.empty(size, dtype=dtype, device=dev) if lent is None else lent[0]
-        if zero_init:
+        if isinstance(strategy, bool):
+            raise PoolscopeTypeError(
+                f"strategy must be one of {STRATEGIES}; got {strategy!r} of type bool (pass zero_init= by keyword)"
+            )
+        if parse_choice(strategy, "strategy", STRATEGIES) == "fallback":
+            tensor = torch.empty(size, dtype=dtype, device=dev)
+        else:
+            settings = Settings(dev, threshold=1, pool=get_pool(dev), max_bytes=None, on_limit="raise",
+                                strict=False, name=None, profiling=self.enable_profiling)
+            with internal_scope(settings):
+                tensor = torch.empty(size, dtype=dtype, device=dev)
+        if check_bool(zero_init, "zero_init"):
             tensor.zero_()
         return tensor
 
     def deallocate(self, tensor: torch.Tensor) -> None:
-        """Accept the seed's explicit release as a hint.
+        """Accept an explicit release as a hint.
 
         The block returns to the pool when the last reference to its memory
         dies, never earlier; drop your references (``del tensor``) to let it go.
         """
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"deallocate takes a torch.Tensor; got {tensor!r} of type {type(tensor).__name__}")
+            raise PoolscopeTypeError(f"deallocate takes a torch.Tensor; got {tensor!r} of type {type(tensor).__name__}")
 
     def stats(self, device: DeviceLike = "cpu") -> PoolStats:
         """The figures of ``device``'s pool."""
@@ -87,12 +103,12 @@ class GlobalMemoryPool:
 def _parse_shape(shape: object) -> tuple[int, ...]:
     dims = (shape,) if isinstance(shape, int) and not isinstance(shape, bool) else shape
     if not isinstance(dims, Sequence) or isinstance(dims, str):
-        raise TypeError(f"shape must be an int or a sequence of ints such as (4, 1024); got {shape!r}")
+        raise PoolscopeTypeError(f"shape must be an int or a sequence of ints such as (4, 1024); got {shape!r}")
     for d in dims:
         if isinstance(d, bool) or not isinstance(d, int):
-            raise TypeError(f"shape must contain ints; got {shape!r}")
+            raise PoolscopeTypeError(f"shape must contain ints; got {shape!r}")
         if d < 0:
-            raise ValueError(f"shape must not contain negative sizes; got {shape!r}")
+            raise PoolscopeValueError(f"shape must not contain negative sizes; got {shape!r}")
     return tuple(dims)
 
 
@@ -101,7 +117,7 @@ _instance_lock = threading.Lock()
 
 
 def get_global_memory_pool(enable_profiling: bool = False) -> GlobalMemoryPool:
-    """Return the process-wide seed-compatible pool (created on first call).
+    """Return the process-wide pool with the hand-written global pool's API (created on first call).
 
     Example::
 
@@ -109,11 +125,11 @@ def get_global_memory_pool(enable_profiling: bool = False) -> GlobalMemoryPool:
         pool = get_global_memory_pool(enable_profiling=False)
 
     Args:
-        enable_profiling: the seed's switch: record where each block was allocated, for
+        enable_profiling: record where each block was allocated, for
             :func:`snapshot`. Once any caller turns it on it stays on.
 
     Raises:
-        TypeError: when ``enable_profiling`` is not a bool.
+        PoolscopeTypeError: when ``enable_profiling`` is not a bool.
     """
     global _instance
     check_bool(enable_profiling, "enable_profiling")

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any, Optional
 
 
 @dataclass(frozen=True)
 class PoolStats:
     """A consistent snapshot of one pool's figures.
 
-    Bytes "in use" are the size-class bytes of blocks lent to live tensors;
-    ``bytes_requested`` is what those tensors asked for (at most 1.25x less).
-    ``fallbacks`` counts requests the pool could not grow for, which PyTorch's
-    ordinary allocator served instead.
+    Bytes "in use" are the bytes of blocks lent to live tensors (at most 1.25x
+    what they asked for, ``bytes_requested``); "cached" bytes are idle blocks
+    that may still be resident and can be lent again without page faults;
+    ``bytes_reserved`` is their sum. ``working_set_bytes`` is the most bytes in
+    use between two outermost-scope exits, over the last ``release_after``
+    exits: the cache keeps what that needs and gives the rest back
+    (``evictions``, ``bytes_released``). ``fallbacks`` counts requests the
+    ordinary allocator served because the pool could not grow.
     """
 
     device: str
@@ -23,34 +28,48 @@ class PoolStats:
     peak_bytes_in_use: int
     blocks_in_use: int
     blocks_cached: int
+    segments: int
     hits: int
     misses: int
     evictions: int
+    bytes_released: int
     fallbacks: int
-    max_cached_bytes: int | None
-    max_bytes: int | None
+    working_set_bytes: int
+    max_cached_bytes: Optional[int]
+    max_bytes: Optional[int]
+    release_after: int
+
+    @classmethod
+    def from_figures(cls, device: str, figures: dict[str, Any]) -> PoolStats:
+        return cls(device=device, **{f.name: figures[f.name] for f in fields(cls) if f.name != "device"})
 
 
 @dataclass(frozen=True)
 class ScopeStats:
-    """What one scope routed; final once the scope has exited.
+    """What one scope routed: live while it is active, final once it has exited.
 
-    ``escaped`` counts pooled tensors still alive when the scope exited, such
-    as a forward's output. They stay valid; their blocks return when they die.
-    ``peak_bytes_in_use`` is the most block bytes this scope's tensors held at
-    once; ``alloc_seconds`` the time spent getting them from the pool.
+    A scope counts every pooled allocation its thread made while it was
+    active, nested scopes' included. ``escaped`` counts pooled tensors still
+    alive when it exited (a forward's output is one); they stay valid and
+    their blocks return when they die. ``bytes_in_use`` is what is alive now
+    (at exit, once exited) and ``peak_bytes_in_use`` the most that was alive at
+    once (``PoolScope.reset_peak`` restarts it). ``fallbacks`` counts
+    allocations the ordinary allocator served instead (``on_limit="fallback"``,
+    or a pool that could not grow); ``alloc_seconds`` is time spent in the pool.
     """
 
-    name: str | None
+    name: Optional[str]
     allocations_routed: int = 0
     bytes_routed: int = 0
     hits: int = 0
     misses: int = 0
+    fallbacks: int = 0
     escaped: int = 0
+    bytes_in_use: int = 0
     peak_bytes_in_use: int = 0
     alloc_seconds: float = 0.0
 
     @property
     def hit_rate(self) -> float:
-        """Share of routed allocations served from cached blocks (0.0 when none)."""
+        """Share of routed allocations served from cached memory (0.0 when none)."""
         return self.hits / self.allocations_routed if self.allocations_routed else 0.0

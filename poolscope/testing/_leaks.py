@@ -6,23 +6,36 @@ import contextlib
 import gc
 from typing import Any, Optional
 
-from .._config import DEFAULT_THRESHOLD, ByteSize, DeviceLike
-from .._pool import Lease
-from .._scope import PoolScope
+import torch
+
+from .._config import DEFAULT_THRESHOLD, ByteSize, DeviceLike, parse_count
+from .._scope import PoolScope, describe_block, make_settings
 
 __all__ = ["assert_no_leaks"]
 
 
-def _describe(lease: Lease) -> str:
-    mib = lease.key[1] / 2**20
-    where = ""
-    if lease.frames:
-        top = lease.frames[0]
-        where = f", allocated at {top['filename']}:{top['line']} in {top['name']}"
-    return (
-        f"  - {mib:.2f} MiB block for a tensor of shape {tuple(lease.shape)}, dtype {lease.dtype} "
-        f"({lease.requested} bytes requested){where}"
-    )
+def _holders(blocks: list[dict[str, Any]]) -> dict[int, torch.Tensor]:
+    """A live tensor over each block (by block address), found among the garbage collector's objects."""
+    spans = sorted((b["address"], b["address"] + b["size"]) for b in blocks if b["address"] is not None)
+    found: dict[int, torch.Tensor] = {}
+    for obj in gc.get_objects():
+        if type(obj) is not torch.Tensor and type(obj) is not torch.nn.Parameter:
+            continue
+        try:
+            ptr = obj.untyped_storage().data_ptr()
+        except RuntimeError:  # meta, sparse or otherwise storage-less tensors
+            continue
+        for start, end in spans:
+            if start <= ptr < end and start not in found:
+                found[start] = obj
+    return found
+
+
+def _describe(block: dict[str, Any], holder: Optional[torch.Tensor]) -> str:
+    text = describe_block(block)
+    if holder is not None:
+        text += f"; held by a tensor of shape {tuple(holder.shape)}, dtype {holder.dtype}"
+    return f"  - {text}"
 
 
 class assert_no_leaks(contextlib.ContextDecorator):  # noqa: N801 - used like a function
@@ -52,9 +65,9 @@ class assert_no_leaks(contextlib.ContextDecorator):  # noqa: N801 - used like a 
             failure message names the file and line.
 
     Raises:
-        AssertionError: listing each leaked block (size, shape, dtype, and the
+        AssertionError: listing each leaked block (size, the tensor holding it, and the
             allocating line when profiling) when more than ``allow_escapes`` remain.
-        TypeError, ValueError: for bad arguments.
+        PoolscopeTypeError, PoolscopeValueError: for bad arguments.
     """
 
     def __init__(
@@ -65,16 +78,14 @@ class assert_no_leaks(contextlib.ContextDecorator):  # noqa: N801 - used like a 
         threshold: ByteSize = DEFAULT_THRESHOLD,
         enable_profiling: bool = False,
     ) -> None:
-        if isinstance(allow_escapes, bool) or not isinstance(allow_escapes, int) or allow_escapes < 0:
-            raise (ValueError if isinstance(allow_escapes, int) and not isinstance(allow_escapes, bool) else TypeError)(
-                f"allow_escapes must be an int >= 0; got {allow_escapes!r}"
-            )
-        self._settings = dict(device=device, threshold=threshold, enable_profiling=enable_profiling)
-        self._allow = allow_escapes
-        self._scope = PoolScope(device, threshold=threshold, enable_profiling=enable_profiling, name=None)
+        self._allow = parse_count(allow_escapes, "allow_escapes")
+        self._settings = make_settings(device, threshold, "all", None, None, "raise", False, None, enable_profiling)
+        self._scope = PoolScope(self._settings)
 
     def _recreate_cm(self) -> assert_no_leaks:
-        return assert_no_leaks(allow_escapes=self._allow, **self._settings)  # type: ignore[arg-type]
+        clone = assert_no_leaks.__new__(assert_no_leaks)
+        clone._allow, clone._settings, clone._scope = self._allow, self._settings, PoolScope(self._settings)
+        return clone
 
     @property
     def scope(self) -> PoolScope:
@@ -88,14 +99,14 @@ class assert_no_leaks(contextlib.ContextDecorator):  # noqa: N801 - used like a 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         __tracebackhide__ = True  # pytest: show the test, not this frame
         scope = self._scope
-        # Collect before the scope counts, so that garbage cycles are not leaks.
-        gc.collect()
+        gc.collect()  # garbage cycles are not leaks
         scope.__exit__(exc_type, exc, tb)
         if exc_type is not None:
             return
-        leaks = scope.live_leases()
+        leaks = scope.live_blocks()
         if len(leaks) > self._allow:
-            lines = "\n".join(_describe(lease) for lease in leaks)
+            holders = _holders(leaks)
+            lines = "\n".join(_describe(b, holders.get(b["address"])) for b in leaks)
             raise AssertionError(
                 f"assert_no_leaks: {len(leaks)} pooled block(s) still alive after the body "
                 f"(allowed: {self._allow}):\n{lines}\n"

@@ -1,0 +1,133 @@
+"""The engine boundary: what an engine provides, and which engine serves which device.
+
+An engine makes *pool backends* (memory caches of one device) and *scope
+backends* (one activation of a scope on one thread, routing that thread's
+large allocations into a pool). Everything above this module (scopes,
+decorators, reports, snapshots, the test kit) talks to these two protocols
+only. Engines:
+
+- ``native`` (CPU): a C++ ``c10::Allocator`` installed in place of PyTorch's
+  CPU allocator on first use; see ``_native.py`` and ``csrc/``.
+- ``passthrough``: scopes that route nothing, for devices without a route, for
+  machines where the native engine cannot be built, and POOLSCOPE_ENGINE=passthrough.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Any, Optional, Protocol
+
+import torch
+
+from ._config import ENV, DeviceLike, parse_device
+from ._errors import PoolscopeError, PoolscopeWarning
+
+__all__ = ["Engine", "PoolBackend", "ScopeBackend", "engine", "engine_for"]
+
+NO_LIMIT = -1
+
+
+class PoolBackend(Protocol):
+    """A cache of one device's memory. Limits are byte counts, ``NO_LIMIT`` for none."""
+
+    def configure(self, max_cached: int, max_bytes: int, release_after: int) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def release(self, everything: bool) -> None: ...
+
+    def segments(self) -> list[dict[str, Any]]: ...
+
+    def trace(self) -> list[dict[str, Any]]: ...
+
+
+class ScopeBackend(Protocol):
+    """One activation of a scope on the thread that enters it."""
+
+    def enter(self) -> None: ...
+
+    def exit(self) -> str: ...  # "ok", "wrong_thread" or "not_active"
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def reset_peak(self) -> None: ...
+
+    def live_blocks(self) -> list[dict[str, Any]]: ...
+
+    def limit_error(self) -> Optional[tuple[str, list[dict[str, Any]]]]: ...
+
+
+class Engine(Protocol):
+    name: str
+
+    def new_pool(self, device: torch.device, max_cached: int, max_bytes: int, release_after: int) -> PoolBackend: ...
+
+    def new_scope(
+        self,
+        pool: PoolBackend,
+        threshold: int,
+        max_bytes: int,
+        fallback: bool,
+        profiling: bool,
+        name: str,
+        ticks: bool,
+    ) -> ScopeBackend: ...
+
+
+_lock = threading.Lock()
+_cpu_engine: Optional[Engine] = None
+
+
+def _pick_cpu_engine() -> Engine:
+    from . import _passthrough
+
+    if ENV.disabled or ENV.engine == "passthrough":
+        return _passthrough.ENGINE
+    from . import _native
+    from ._build import BuildError
+
+    try:
+        return _native.NativeEngine()
+    except BuildError as exc:
+        if ENV.engine == "native":
+            raise PoolscopeError(f"POOLSCOPE_ENGINE=native, but the native engine is unavailable: {exc}") from exc
+        warnings.warn(
+            f"poolscope's native engine is unavailable, so scopes will pool nothing (results are unchanged): {exc}",
+            PoolscopeWarning,
+            stacklevel=4,
+        )
+        return _passthrough.ENGINE
+
+
+def engine_for(device: torch.device) -> Engine:
+    """The engine that serves ``device`` (chosen, and built if needed, on first use)."""
+    global _cpu_engine
+    if device.type != "cpu":
+        from . import _passthrough
+
+        return _passthrough.ENGINE
+    if _cpu_engine is None:
+        with _lock:
+            if _cpu_engine is None:
+                _cpu_engine = _pick_cpu_engine()
+    return _cpu_engine
+
+
+def engine(device: DeviceLike = "cpu") -> str:
+    """Name the engine that serves ``device``: ``"native"`` or ``"passthrough"``.
+
+    Example::
+
+        >>> poolscope.engine()
+        'native'
+
+    The first call chooses the engine (``POOLSCOPE_ENGINE`` decides; unset means
+    native, or passthrough with one warning where it cannot be built) and builds
+    the native engine if this torch has no build yet.
+
+    Raises:
+        PoolscopeTypeError, PoolscopeValueError: for a bad device.
+        PoolscopeError: under POOLSCOPE_ENGINE=native when the native engine cannot be built.
+    """
+    return engine_for(parse_device(device)).name

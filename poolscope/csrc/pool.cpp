@@ -1,0 +1,300 @@
+// Pools: segments from the replaced allocator, carved into blocks by best fit,
+// coalesced when blocks come back, and given back to the system when the
+// working set shrinks.
+#include "engine.h"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <chrono>
+
+namespace poolscope {
+
+namespace {
+
+constexpr size_t kMinSplit = size_t{1} << 20;
+
+size_t round_down(size_t n, size_t to) {
+  return n / to * to;
+}
+
+size_t round_up(size_t n, size_t to) {
+  return (n + to - 1) / to * to;
+}
+
+// Drop the resident pages of [addr, addr + size) that lie wholly inside it.
+void decommit(char* addr, size_t size) {
+  auto start = reinterpret_cast<uintptr_t>(addr);
+  uintptr_t first = round_up(start, kPage);
+  uintptr_t last = round_down(start + size, kPage);
+  if (last > first) {
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+  }
+}
+
+}  // namespace
+
+int64_t now_us() {
+  using namespace std::chrono;
+  return duration_cast<microseconds>(system_clock::now().time_since_epoch()).count();
+}
+
+void Releases::run() {
+  for (auto& segment : segments) {
+    // The replaced allocator may keep the memory (glibc's heap does for
+    // mid-sized blocks), so drop the pages first: the resident size falls either way.
+    decommit(segment->base, segment->size);
+    segment->memory.clear();
+  }
+  segments.clear();
+  if (!decommit_blocks.empty()) {
+    for (Block* block : decommit_blocks) {
+      decommit(block->addr, block->size);
+    }
+    std::lock_guard<std::mutex> lock(g_mu);
+    for (Block* block : decommit_blocks) {
+      block->pool->settle(block);
+    }
+  }
+  decommit_blocks.clear();
+  scopes.clear();
+  context.reset();
+  pool.reset();
+}
+
+Pool::~Pool() {
+  Releases out;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    for (Block* block : free_blocks) {
+      delete block;
+    }
+    free_blocks.clear();
+    out.segments = std::move(segments);
+  }
+  out.run();
+}
+
+Block* Pool::take(size_t size) {
+  Block key;
+  key.size = size;
+  auto it = free_blocks.lower_bound(&key);
+  if (it == free_blocks.end()) {
+    return nullptr;
+  }
+  Block* block = *it;
+  free_blocks.erase(it);
+  committed_free -= block->committed;
+  lend_from(block, size);
+  return block;
+}
+
+void Pool::lend_from(Block* block, size_t size) {
+  size_t rest = block->size - size;
+  // Keep a lent block within 1.25x of its request, and never split off crumbs.
+  if (rest >= kGranule && rest >= std::min(size / 4, kMinSplit)) {
+    auto* remainder = new Block;
+    remainder->pool = this;
+    remainder->segment = block->segment;
+    remainder->addr = block->addr + size;
+    remainder->size = rest;
+    remainder->prev = block;
+    remainder->next = block->next;
+    if (block->next != nullptr) {
+      block->next->prev = remainder;
+    }
+    block->next = remainder;
+    remainder->state = BlockState::free;
+    remainder->freed_epoch = block->freed_epoch;
+    remainder->committed = std::min(rest, block->committed);
+    block->size = size;
+    free_blocks.insert(remainder);
+    committed_free += remainder->committed;
+  }
+  block->state = BlockState::allocated;
+  block->committed = 0;
+}
+
+Block* Pool::add_segment(c10::DataPtr memory, size_t size) {
+  auto segment = std::make_unique<Segment>();
+  segment->base = static_cast<char*>(memory.get());
+  segment->size = size;
+  segment->memory = std::move(memory);
+  auto* block = new Block;
+  block->pool = this;
+  block->segment = segment.get();
+  block->addr = segment->base;
+  block->size = size;
+  block->freed_epoch = epoch;
+  record_segment("segment_alloc", segment.get());
+  segments.push_back(std::move(segment));
+  reserved_virtual += size;
+  return block;  // not in free_blocks: the caller lends from it at once
+}
+
+void Pool::give_back(Block* block, Releases& out) {
+  in_use -= block->size;
+  requested -= block->requested;
+  blocks_in_use -= 1;
+  block->segment->in_use -= block->size;
+  block->requested = 0;
+  block->committed = block->size;
+  block->freed_epoch = epoch;
+  block->state = BlockState::free;
+  insert_free(block);
+  if (max_cached != kNone && committed_free > static_cast<size_t>(max_cached)) {
+    shrink_to(static_cast<size_t>(max_cached), out);
+  }
+}
+
+void Pool::insert_free(Block* block) {
+  // Merge with free neighbours, so that smaller requests and larger ones share memory.
+  Block* prev = block->prev;
+  if (prev != nullptr && prev->state == BlockState::free) {
+    free_blocks.erase(prev);
+    committed_free -= prev->committed;
+    prev->size += block->size;
+    prev->committed += block->committed;
+    prev->freed_epoch = std::max(prev->freed_epoch, block->freed_epoch);
+    prev->next = block->next;
+    if (block->next != nullptr) {
+      block->next->prev = prev;
+    }
+    delete block;
+    block = prev;
+  }
+  Block* next = block->next;
+  if (next != nullptr && next->state == BlockState::free) {
+    free_blocks.erase(next);
+    committed_free -= next->committed;
+    block->size += next->size;
+    block->committed += next->committed;
+    block->freed_epoch = std::max(block->freed_epoch, next->freed_epoch);
+    block->next = next->next;
+    if (next->next != nullptr) {
+      next->next->prev = block;
+    }
+    delete next;
+  }
+  free_blocks.insert(block);
+  committed_free += block->committed;
+}
+
+void Pool::settle(Block* block) {
+  block->committed = 0;
+  block->state = BlockState::free;
+  insert_free(block);
+}
+
+void Pool::shrink_to(size_t budget, Releases& out) {
+  // With no budget left, wholly free segments go too, resident or not.
+  auto whole = [](const Block* b) { return b->prev == nullptr && b->next == nullptr; };
+  auto wanted = [&](const Block* b) { return committed_free > budget ? b->committed > 0 || whole(b) : budget == 0 && whole(b); };
+  std::vector<Block*> idle;
+  for (Block* block : free_blocks) {
+    if (wanted(block)) {
+      idle.push_back(block);
+    }
+  }
+  // Oldest first, larger first among equals: memory the working set stopped using.
+  std::sort(idle.begin(), idle.end(), [](const Block* a, const Block* b) {
+    return a->freed_epoch != b->freed_epoch ? a->freed_epoch < b->freed_epoch : a->size > b->size;
+  });
+  for (Block* block : idle) {
+    if (!wanted(block)) {
+      continue;
+    }
+    free_blocks.erase(block);
+    committed_free -= block->committed;
+    bytes_released += static_cast<int64_t>(block->committed);
+    evictions += 1;
+    if (whole(block)) {
+      // The whole segment is free: give it back to the replaced allocator.
+      Segment* segment = block->segment;
+      record_segment("segment_free", segment);
+      reserved_virtual -= segment->size;
+      auto it = std::find_if(segments.begin(), segments.end(), [&](auto& s) { return s.get() == segment; });
+      out.segments.push_back(std::move(*it));
+      segments.erase(it);
+      delete block;
+    } else {
+      // Part of a segment that still holds live blocks: drop its pages. It is
+      // out of the free set until that is done, so nobody is lent it meanwhile.
+      block->state = BlockState::decommitting;
+      block->committed = 0;
+      out.decommit_blocks.push_back(block);
+    }
+  }
+}
+
+size_t Pool::working_set() const {
+  return recent_peaks.empty() ? window_peak : std::max(window_peak, recent_peaks.front().second);
+}
+
+size_t Pool::cache_budget() const {
+  size_t wanted = working_set();
+  size_t budget = wanted > in_use ? wanted - in_use : 0;
+  if (max_cached != kNone) {
+    budget = std::min(budget, static_cast<size_t>(max_cached));
+  }
+  return budget;
+}
+
+void Pool::tick(Releases& out) {
+  // Sliding-window maximum of the per-exit peaks: the front holds the largest.
+  size_t peak = window_peak;
+  while (!recent_peaks.empty() && recent_peaks.back().second <= peak) {
+    recent_peaks.pop_back();
+  }
+  recent_peaks.emplace_back(epoch, peak);
+  epoch += 1;
+  while (!recent_peaks.empty() &&
+         (release_after <= 0 || recent_peaks.front().first + static_cast<uint64_t>(release_after) < epoch)) {
+    recent_peaks.pop_front();
+  }
+  window_peak = in_use;
+  shrink_to(cache_budget(), out);
+}
+
+void Pool::record(const char* action, const Block* block, const Context& context) {
+  if (!tracing) {
+    return;
+  }
+  trace.push_back(TraceEvent{action, reinterpret_cast<uintptr_t>(block->addr), block->size, now_us(), context});
+  if (trace.size() > kTraceLimit) {
+    trace.pop_front();
+  }
+}
+
+void Pool::record_segment(const char* action, const Segment* segment) {
+  if (!tracing) {
+    return;
+  }
+  trace.push_back(TraceEvent{action, reinterpret_cast<uintptr_t>(segment->base), segment->size, now_us(), nullptr});
+  if (trace.size() > kTraceLimit) {
+    trace.pop_front();
+  }
+}
+
+PoolStatsData Pool::stats() const {
+  PoolStatsData s;
+  s.in_use = static_cast<int64_t>(in_use);
+  s.requested = static_cast<int64_t>(requested);
+  s.cached = static_cast<int64_t>(committed_free);
+  s.reserved = static_cast<int64_t>(in_use + committed_free);
+  s.mapped = static_cast<int64_t>(reserved_virtual);
+  s.peak_in_use = static_cast<int64_t>(peak_in_use);
+  s.blocks_in_use = blocks_in_use;
+  s.blocks_cached = static_cast<int64_t>(free_blocks.size());
+  s.segments = static_cast<int64_t>(segments.size());
+  s.hits = hits;
+  s.misses = misses;
+  s.evictions = evictions;
+  s.bytes_released = bytes_released;
+  s.fallbacks = fallbacks;
+  s.epoch = static_cast<int64_t>(epoch);
+  s.working_set = static_cast<int64_t>(working_set());
+  return s;
+}
+
+}  // namespace poolscope
