@@ -59,7 +59,19 @@ class ScopeBackend(Protocol):
 
 
 class Engine(Protocol):
+    """Makes pools and scopes, and pushes and pops scopes for the with-statement.
+
+    ``enter_then(prepare, result)`` calls ``prepare()`` (Python; returns a scope
+    backend), pushes that backend on the calling thread's stack and returns
+    ``result``; ``exit_then(scope, after, *exc)`` pops ``scope._backend`` and returns
+    ``after(outcome, *exc)``. Native engines implement both in C, so that no
+    Python frame (where a pending signal could raise) runs between the
+    with-statement and the push or pop.
+    """
+
     name: str
+    enter_then: Any
+    exit_then: Any
 
     def new_pool(self, device: torch.device, max_cached: int, max_bytes: int, release_after: int) -> PoolBackend: ...
 

@@ -24,6 +24,14 @@ class NativeEngine:
         self._module = _build.load()  # BuildError when it cannot be built here
         self._installed = False
 
+    @property
+    def enter_then(self) -> Any:
+        return self._module.enter_then
+
+    @property
+    def exit_then(self) -> Any:
+        return self._module.exit_then
+
     def new_pool(self, device: torch.device, max_cached: int, max_bytes: int, release_after: int) -> Any:
         return self._module.Pool(str(device), max_cached, max_bytes, release_after)
 

@@ -6,6 +6,7 @@ cannot be built, so that code written with poolscope runs unchanged, unpooled.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Optional
 
 import torch
@@ -46,10 +47,18 @@ class _Pool:
 
 
 class _Scope:
+    def __init__(self) -> None:
+        self._owner: Optional[int] = None
+
     def enter(self) -> None:
-        pass
+        self._owner = threading.get_ident()
 
     def exit(self) -> str:
+        if self._owner is None:
+            return "not_active"
+        if self._owner != threading.get_ident():
+            return "wrong_thread"
+        self._owner = None
         return "ok"
 
     def stats(self) -> dict[str, Any]:
@@ -68,6 +77,16 @@ class _Scope:
 class PassthroughEngine:
     name = "passthrough"
 
+    @staticmethod
+    def enter_then(prepare: Any, result: Any) -> Any:
+        prepare().enter()
+        return result
+
+    @staticmethod
+    def exit_then(scope: Any, after: Any, *exc: Any) -> Any:
+        backend = scope._backend
+        return after(backend.exit() if backend is not None else "not_active", *exc)
+
     def new_pool(self, device: torch.device, max_cached: int, max_bytes: int, release_after: int) -> _Pool:
         return _Pool(max_cached, max_bytes, release_after)
 
@@ -78,3 +97,4 @@ class PassthroughEngine:
 
 
 ENGINE = PassthroughEngine()
+

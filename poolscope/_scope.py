@@ -12,11 +12,12 @@ nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import threading
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -97,11 +98,37 @@ def make_settings(
     )
 
 
+class _AsyncSafe:
+    """A special method whose bound form is a C-level callable made by ``make(instance)``.
+
+    The with-statement looks ``__enter__``/``__exit__`` up (running ``make``, in
+    Python) before it enters, and later calls what it got. A Python method would
+    run a frame whose start handles pending signals, before the first line; a
+    ``functools.partial`` of the engine's native ``enter_then``/``exit_then`` runs
+    none between the call and the push or pop.
+    """
+
+    def __init__(self, make: Callable[[Any], Callable[..., Any]]) -> None:
+        self._make = make
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        return self if instance is None else self._make(instance)
+
+    def __call__(self, instance: Any, *args: Any) -> Any:  # type(cm).__exit__(cm, ...), as ExitStack does
+        return self._make(instance)(*args)
+
+
 class PoolScope(contextlib.ContextDecorator):
     """A context (and decorator) inside which large allocations of this thread come from a pool.
 
     Create it with :func:`pool_scope`. ``stats`` reports what it routed.
     """
+
+    # The with-statement calls these without a Python frame between it and the
+    # engine's push and pop (see _AsyncSafe), so that an asynchronous exception
+    # (KeyboardInterrupt, a signal handler's) cannot leave a scope open.
+    __enter__ = _AsyncSafe(lambda self: functools.partial(self._pool()._engine.enter_then, self._prepare, self))
+    __exit__ = _AsyncSafe(lambda self: functools.partial(self._pool()._engine.exit_then, self, self._after_exit))
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -184,11 +211,16 @@ class PoolScope(contextlib.ContextDecorator):
             f"on_limit={s.on_limit!r}, strict={s.strict}, name={s.name!r}, active={self._active})"
         )
 
-    def __enter__(self) -> PoolScope:
+    def _pool(self) -> TensorPool:
+        s = self._settings
+        return s.pool if s.pool is not None else get_pool(self.device)
+
+    def _prepare(self) -> ScopeBackend:
+        """Everything of entering but the push: runs before it, in Python."""
         if self._active:
             raise PoolscopeError(f"{self!r} is already active; create a new pool_scope() for a nested scope")
         s = self._settings
-        pool = s.pool if s.pool is not None else get_pool(self.device)
+        pool = self._pool()
         backend = pool._engine.new_scope(
             pool._backend,
             s.threshold,
@@ -201,34 +233,31 @@ class PoolScope(contextlib.ContextDecorator):
         if profiler_enabled():
             self._range = torch.autograd.profiler.record_function(f"poolscope:{s.name or 'pool_scope'}")
             self._range.__enter__()
-        self._backend, self._final = backend, None
-        backend.enter()
-        self._owner = threading.get_ident()
+        self._backend, self._final, self._owner = backend, None, threading.get_ident()
         self._active = True
-        return self
+        return backend
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if not self._active or self._backend is None:
+    def _after_exit(self, outcome: str, exc_type: Any, exc: Any, tb: Any) -> None:
+        """Everything of exiting but the pop: runs after it, in Python."""
+        if outcome == "not_active":
             raise PoolscopeError(f"{self!r} is not active: it was never entered or has already exited")
-        here = threading.get_ident()
-        if here != self._owner:
+        if outcome == "wrong_thread":
             raise PoolscopeError(
-                f"{self!r} was entered in thread {self._owner} and is being exited from thread {here}; a scope "
-                "belongs to the thread that entered it (as torch.no_grad does): exit it there"
+                f"{self!r} was entered in thread {self._owner} and is being exited from thread "
+                f"{threading.get_ident()}; a scope belongs to the thread that entered it (as torch.no_grad "
+                "does): exit it there"
             )
-        outcome = self._backend.exit()
-        if outcome != "ok":
-            raise PoolscopeError(f"{self!r} could not exit ({outcome}); this is a poolscope bug, please report it")
         self._active = False
         rng, self._range = self._range, None
         if rng is not None:
             rng.__exit__(None, None, None)
         self._finish()
+        assert self._backend is not None and self._final is not None
         if exc_type is not None and issubclass(exc_type, torch.OutOfMemoryError) and not isinstance(exc, ScopeLimitError):
             refused = self._backend.limit_error()
             if refused is not None:
                 raise ScopeLimitError(_limit_report(*refused)) from exc
-        if self._settings.strict and self._final is not None and self._final.escaped and exc_type is None:
+        if self._settings.strict and self._final.escaped and exc_type is None:
             raise EscapeError(
                 f"pool_scope(strict=True{'' if self.name is None else f', name={self.name!r}'}) exited with "
                 f"{self._final.escaped} pooled tensor(s) still alive; drop every reference to tensors created "

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import poolscope
+from poolscope._engine import engine_for
 
+ENGINE = poolscope.engine()
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -20,11 +22,14 @@ def pool() -> poolscope.TensorPool:
     p.empty_cache()
 
 
+def open_scopes() -> int:
+    """Scopes open on the calling thread (native engine)."""
+    engine = engine_for(torch.device("cpu"))
+    return engine.module.thread_depth() if ENGINE == "native" else 0
+
+
 @pytest.fixture(autouse=True)
 def _no_scope_left_behind():
-    from poolscope._torch_compat import dispatch_mode_stack
-
-    before = len(dispatch_mode_stack())
+    before = open_scopes()
     yield
-    assert len(dispatch_mode_stack()) == before, "a dispatch mode was left on the stack"
-    assert poolscope._scope.current_scope() is None
+    assert open_scopes() == before, "a test left a scope open"

@@ -1,12 +1,17 @@
-"""What a scope routes into the pool and what it leaves alone."""
+"""What a scope routes into the pool, and what it leaves alone."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import poolscope
 from helpers import assert_same
+
+pytestmark = pytest.mark.pools
 
 MiB = 1 << 20
 
@@ -42,85 +47,151 @@ def test_storage_extent_not_numel_decides():
     assert routed(lambda: torch.empty_strided((1024, 1024), (0, 1))) == 0
 
 
-def test_left_alone():
-    x = torch.empty(MiB)
-    assert routed(lambda: torch.zeros(MiB, device="meta")) == 0
-    assert routed(lambda: torch.zeros(MiB, out=x)) == 0
-    assert routed(lambda: torch.empty(MiB, layout=torch.sparse_coo)) == 0
-    assert routed(lambda: x + 1) == 0  # op outputs are not factories
-    assert routed(lambda: torch.zeros_like(torch.empty(MiB, device="meta"))) == 0
+def test_op_outputs_are_routed():
+    x = torch.randn(512, 512)
+    assert routed(lambda: x @ x) == 1
+    assert routed(lambda: x + 1) == 1
+    assert routed(lambda: torch.cat([x, x])) == 1
+    assert routed(lambda: x.softmax(-1)) == 1
+    assert routed(lambda: x.sum()) == 0  # a small output
 
 
-def test_fake_tensor_mode_is_never_routed():
+def test_multi_output_kernels_are_routed():
+    x = torch.randn(1024, 1024)
+    with poolscope.pool_scope() as scope:
+        values, indices = torch.sort(x, dim=-1)
+    assert scope.stats.allocations_routed >= 2  # values and indices (and the sort's own scratch)
+    del values, indices
+    with poolscope.pool_scope() as scope:
+        out, mean, rstd = torch.ops.aten.native_layer_norm(x, (1024,), None, None, 1e-5)
+    assert scope.stats.allocations_routed == 1  # the output; mean and rstd are 4 KiB each
+    del out, mean, rstd
+
+
+def test_fused_attention_kernel_is_routed():
+    q = k = v = torch.randn(1, 8, 1024, 64)
+    with torch.no_grad(), poolscope.pool_scope(threshold="256KiB") as scope:
+        out = F.scaled_dot_product_attention(q, k, v)
+    assert scope.stats.allocations_routed >= 1
+    assert_same(out, F.scaled_dot_product_attention(q, k, v))
+    del out
+
+
+def test_composites_under_inference_mode_are_routed():
+    q = k = v = torch.randn(1, 4, 512, 64)
+
+    def attention():
+        scores = torch.matmul(q, k.transpose(-1, -2)) / 8
+        return torch.matmul(scores.softmax(-1), v)
+
+    with torch.inference_mode():
+        plain = attention()
+        with poolscope.pool_scope(threshold="512KiB") as scope:
+            pooled = attention()
+    # scores (4 MiB), the division (4 MiB), softmax (4 MiB); the output is 512 KiB
+    assert scope.stats.allocations_routed == 4
+    assert_same(pooled, plain)
+
+
+def test_backward_run_in_the_scope_thread_is_routed():
+    w = torch.randn(1024, 1024, requires_grad=True)
+    x = torch.randn(256, 1024)
+    with poolscope.pool_scope() as scope:
+        loss = (x @ w).tanh().sum()
+        before = scope.stats.allocations_routed
+        loss.backward()
+    assert scope.stats.allocations_routed > before  # the weight gradient (4 MiB) at least
+    grad = w.grad.clone()
+    w.grad = None
+    (x @ w).tanh().sum().backward()
+    assert torch.equal(grad, w.grad)
+
+
+def test_inductor_buffers_are_routed():
+    pytest.importorskip("torch._inductor")
+
+    def f(x):
+        return (x.sin() @ x.cos()).relu() + 1
+
+    compiled = torch.compile(f, backend="inductor")
+    x = torch.randn(512, 512)
+    expected = compiled(x)  # compile outside the scope
+    with poolscope.pool_scope() as scope:
+        out = compiled(x)
+    assert scope.stats.allocations_routed >= 1
+    assert torch.equal(out, expected)
+
+
+def test_meta_and_fake_tensors_take_no_memory():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    assert routed(lambda: torch.zeros(MiB, device="meta")) == 0
     with FakeTensorMode():
-        with poolscope.pool_scope(threshold=0) as scope:
+        with poolscope.pool_scope() as scope:
             out = torch.zeros(MiB)
             like = torch.randn_like(out)
     assert scope.stats.allocations_routed == 0
     assert type(out).__name__ == "FakeTensor" and type(like).__name__ == "FakeTensor"
 
 
-def test_device_filter():
-    assert routed(lambda: torch.zeros(MiB), device="cpu") == 1
-    pool = poolscope.TensorPool("cpu")
-    assert routed(lambda: torch.zeros(MiB), pool=pool) == 1
-    assert pool.stats().misses == 1
+def test_out_arguments_reuse_the_given_memory():
+    x = torch.empty(MiB)
+    assert routed(lambda: torch.zeros(MiB, out=x)) == 0
 
 
-def test_explicit_pool_gets_the_blocks_and_default_pool_does_not(pool):
-    default_before = poolscope.get_pool("cpu").stats()
+def test_explicit_pool_gets_the_blocks_and_the_shared_pool_does_not(pool):
+    shared_before = poolscope.get_pool("cpu").stats()
     with poolscope.pool_scope(pool=pool):
         x = torch.zeros(MiB)
         assert pool.stats().blocks_in_use == 1
-    assert poolscope.get_pool("cpu").stats().misses == default_before.misses
+    shared = poolscope.get_pool("cpu").stats()
+    assert (shared.misses, shared.hits) == (shared_before.misses, shared_before.hits)
     del x
 
 
-def test_torch_device_context_inside_and_outside():
-    with torch.device("cpu"):
-        assert routed(lambda: torch.zeros(MiB)) == 1
-    with poolscope.pool_scope() as scope:
-        with torch.device("cpu"):
-            x = torch.ones(MiB)
-    assert scope.stats.allocations_routed == 1
-    assert_same(x, torch.ones(MiB))
+def test_cpu_index_zero_is_the_cpu():
+    assert routed(lambda: torch.zeros(MiB), device="cpu:0") == 1
+    assert routed(lambda: torch.zeros(MiB), device=torch.device("cpu", 0)) == 1
 
 
-def test_parameter_new_zeros_routed():
-    p = torch.nn.Parameter(torch.randn(4, 4))
-    assert routed(lambda: p.new_zeros(MiB)) == 1
+def test_innermost_scope_governs():
+    with poolscope.pool_scope(threshold="64MiB") as outer:
+        small = torch.zeros(MiB)  # under the outer threshold
+        with poolscope.pool_scope(threshold=0) as inner:
+            a = torch.zeros(MiB)
+            b = torch.zeros(8)
+        c = torch.zeros(8 * MiB)  # outer again: still under 64 MiB
+        big = torch.zeros(16 * MiB)
+    assert inner.stats.allocations_routed == 2
+    assert outer.stats.allocations_routed == 3  # the inner scope's two count toward the outer one
+    del small, a, b, c, big
 
 
-def test_plain_subclass_keeps_its_type():
-    class Sub(torch.Tensor):
-        pass
+def test_scope_routes_only_its_own_thread():
+    pool = poolscope.TensorPool("cpu")
+    started, done = threading.Event(), threading.Event()
+    results = {}
 
-    s = torch.randn(MiB).as_subclass(Sub)
-    plain = torch.zeros_like(s)
-    with poolscope.pool_scope() as scope:
-        out = torch.zeros_like(s)
-    assert scope.stats.allocations_routed == 1
-    assert type(out) is type(plain) is Sub
-    assert torch.equal(out, plain)
+    def other_thread():
+        started.wait()
+        results["t"] = torch.zeros(MiB)
+        done.set()
 
-
-def test_subclass_with_its_own_dispatch_left_alone():
-    from torch.testing._internal.two_tensor import TwoTensor
-
-    t = TwoTensor(torch.randn(MiB), torch.randn(MiB))
-    with poolscope.pool_scope() as scope:
-        out = torch.zeros_like(t)
+    t = threading.Thread(target=other_thread)
+    t.start()
+    with poolscope.pool_scope(pool=pool) as scope:
+        started.set()
+        done.wait(timeout=30)
+    t.join()
     assert scope.stats.allocations_routed == 0
-    assert type(out) is TwoTensor
+    assert pool.stats().misses == 0
 
 
 def test_stats_count_bytes_hits_and_misses(pool):
     with poolscope.pool_scope(pool=pool) as scope:
         a = torch.zeros(MiB)
         del a
-        b = torch.zeros(MiB)  # the same size class: a hit
+        b = torch.zeros(MiB)  # the block just freed: a hit
         c = torch.zeros(2 * MiB)
     stats = scope.stats
     assert (stats.allocations_routed, stats.bytes_routed) == (3, 4 * MiB * 4)

@@ -229,6 +229,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fail_growth", &fail_growth, "Test hook: make pool growth fail as if out of memory.");
   m.def("thread_depth", &thread_depth, "Open scopes on the calling thread.");
 
+  // Called by the with-statement through functools.partial: no Python frame runs
+  // between the statement and the push or pop, so a pending signal cannot skip them.
+  m.def("enter_then", [](const py::object& prepare, py::object result) {
+    auto scope = prepare().cast<std::shared_ptr<Scope>>();
+    enter(scope);
+    return result;
+  });
+  m.def("exit_then", [](const py::object& owner, const py::object& after, const py::args& exc) {
+    py::object backend = owner.attr("_backend");
+    const char* outcome = "not_active";
+    if (py::isinstance<Scope>(backend)) {
+      auto scope = backend.cast<std::shared_ptr<Scope>>();
+      ExitResult result;
+      {
+        py::gil_scoped_release release;
+        result = exit(scope);
+      }
+      outcome = result == ExitResult::ok ? "ok" : result == ExitResult::wrong_thread ? "wrong_thread" : "not_active";
+    }
+    return after(outcome, *exc);
+  });
+
   py::class_<Pool, std::shared_ptr<Pool>>(m, "Pool")
       .def(py::init([](const std::string& device, int64_t max_cached, int64_t max_bytes, int64_t release_after) {
              auto pool = std::make_shared<Pool>(device);
