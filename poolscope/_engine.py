@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
@@ -70,8 +70,12 @@ class Engine(Protocol):
     """
 
     name: str
-    enter_then: Any
-    exit_then: Any
+
+    @property
+    def enter_then(self) -> Callable[..., Any]: ...
+
+    @property
+    def exit_then(self) -> Callable[..., Any]: ...
 
     def new_pool(self, device: torch.device, max_cached: int, max_bytes: int, release_after: int) -> PoolBackend: ...
 

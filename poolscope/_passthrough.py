@@ -7,7 +7,7 @@ cannot be built, so that code written with poolscope runs unchanged, unpooled.
 from __future__ import annotations
 
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -77,15 +77,13 @@ class _Scope:
 class PassthroughEngine:
     name = "passthrough"
 
-    @staticmethod
-    def enter_then(prepare: Any, result: Any) -> Any:
-        prepare().enter()
-        return result
+    @property
+    def enter_then(self) -> Callable[..., Any]:
+        return _enter_then
 
-    @staticmethod
-    def exit_then(scope: Any, after: Any, *exc: Any) -> Any:
-        backend = scope._backend
-        return after(backend.exit() if backend is not None else "not_active", *exc)
+    @property
+    def exit_then(self) -> Callable[..., Any]:
+        return _exit_then
 
     def new_pool(self, device: torch.device, max_cached: int, max_bytes: int, release_after: int) -> _Pool:
         return _Pool(max_cached, max_bytes, release_after)
@@ -94,6 +92,16 @@ class PassthroughEngine:
         self, pool: Any, threshold: int, max_bytes: int, fallback: bool, profiling: bool, name: str, ticks: bool
     ) -> _Scope:
         return _Scope()
+
+
+def _enter_then(prepare: Any, result: Any) -> Any:
+    prepare().enter()
+    return result
+
+
+def _exit_then(scope: Any, after: Any, *exc: Any) -> Any:
+    backend = scope._backend
+    return after(backend.exit() if backend is not None else "not_active", *exc)
 
 
 ENGINE = PassthroughEngine()

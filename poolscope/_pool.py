@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 
 from ._config import ENV, ByteSize, DeviceLike, parse_count, parse_device, parse_limit
+from ._frames import clean_blocks
 from ._engine import NO_LIMIT, Engine, PoolBackend, engine_for
 from ._stats import PoolStats
 
@@ -73,6 +74,7 @@ class TensorPool:
         self._backend: PoolBackend = self._engine.new_pool(
             self._device, _limit(self._max_cached), _limit(self._max_bytes), self._release_after
         )
+        self._warned_cap = False
         _ALL.add(self)
 
     @property
@@ -131,11 +133,14 @@ class TensorPool:
 
     def segments(self) -> list[dict[str, Any]]:
         """This pool's memory in PyTorch's memory-snapshot segment format."""
-        return self._backend.segments()
+        segments = self._backend.segments()
+        for segment in segments:
+            clean_blocks(segment["blocks"])
+        return segments
 
     def trace(self) -> list[dict[str, Any]]:
         """Alloc/free events recorded while profiling, oldest first (empty when never profiled)."""
-        return self._backend.trace()
+        return clean_blocks(self._backend.trace())
 
     def __repr__(self) -> str:
         s = self.stats()

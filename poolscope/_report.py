@@ -7,7 +7,8 @@ import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from types import FrameType
+from typing import Any, Optional
 
 from ._errors import PoolscopeWarning
 from ._stats import ScopeStats
@@ -23,7 +24,8 @@ def warn_at_caller(message: str, category: type[Warning] = PoolscopeWarning) -> 
     import contextlib
 
     skipped = (_PACKAGE_DIR, os.path.abspath(contextlib.__file__))
-    level, frame = 1, sys._getframe(1)
+    level = 1
+    frame: Optional[FrameType] = sys._getframe(1)
     while frame is not None and (frame.f_code.co_filename.startswith(skipped) or "wrapt" in frame.f_code.co_filename):
         frame = frame.f_back
         level += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import logging
 import threading
 import warnings
 from dataclasses import dataclass, replace
@@ -36,12 +37,16 @@ from ._config import (
     parse_threshold,
 )
 from ._engine import NO_LIMIT, ScopeBackend
+from ._frames import clean_blocks, describe_block
 from ._errors import EscapeError, PoolscopeError, PoolscopeTypeError, PoolscopeValueError, ScopeLimitError
 from ._pool import TensorPool, get_pool
-from ._stats import ScopeStats
+from ._report import warn_at_caller
+from ._stats import PoolStats, ScopeStats
 from ._torch_compat import profiler_enabled
 
 __all__ = ["PoolScope", "pool_scope"]
+
+_log = logging.getLogger("poolscope")
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,7 @@ class PoolScope(contextlib.ContextDecorator):
         self._active = False
         self._final: Optional[ScopeStats] = None
         self._range: Any = None
+        self._logged_from: Optional[PoolStats] = None
 
     def _recreate_cm(self) -> PoolScope:
         # Each call of a decorated function gets a scope of its own.
@@ -202,7 +208,7 @@ class PoolScope(contextlib.ContextDecorator):
         Each is a dict with ``address``, ``size``, ``requested_size`` and
         ``frames`` (where it was allocated, innermost first; empty unless profiling).
         """
-        return [] if self._backend is None else self._backend.live_blocks()
+        return [] if self._backend is None else clean_blocks(self._backend.live_blocks())
 
     def __repr__(self) -> str:
         s = self._settings
@@ -230,6 +236,13 @@ class PoolScope(contextlib.ContextDecorator):
             s.name or "",
             s.ticks,
         )
+        if pool.max_cached_bytes is not None and pool.max_cached_bytes < s.threshold and not pool._warned_cap:
+            pool._warned_cap = True
+            warn_at_caller(
+                f"the {pool.device} pool caps its cache at max_cached_bytes={pool.max_cached_bytes}, below this "
+                f"scope's threshold={s.threshold}: no block it lends can be kept for reuse; raise the cap"
+            )
+        self._logged_from = pool.stats() if _log.isEnabledFor(logging.DEBUG) else None
         if profiler_enabled():
             self._range = torch.autograd.profiler.record_function(f"poolscope:{s.name or 'pool_scope'}")
             self._range.__enter__()
@@ -252,11 +265,14 @@ class PoolScope(contextlib.ContextDecorator):
         if rng is not None:
             rng.__exit__(None, None, None)
         self._finish()
+        if self._logged_from is not None:
+            _log_pool_changes(self._logged_from, self._pool().stats())
         assert self._backend is not None and self._final is not None
         if exc_type is not None and issubclass(exc_type, torch.OutOfMemoryError) and not isinstance(exc, ScopeLimitError):
             refused = self._backend.limit_error()
             if refused is not None:
-                raise ScopeLimitError(_limit_report(*refused)) from exc
+                message, blocks = refused
+                raise ScopeLimitError(_limit_report(message, clean_blocks(blocks))) from exc
         if self._settings.strict and self._final.escaped and exc_type is None:
             raise EscapeError(
                 f"pool_scope(strict=True{'' if self.name is None else f', name={self.name!r}'}) exited with "
@@ -274,6 +290,20 @@ class PoolScope(contextlib.ContextDecorator):
             _report.record(self._final, self._settings.threshold, self._backend)
 
 
+def _log_pool_changes(before: PoolStats, after: PoolStats) -> None:
+    grown = after.misses - before.misses
+    if grown:
+        _log.debug("pool %s grew: %d allocation(s) needed new memory; %d segment(s) now", after.device, grown, after.segments)
+    released = after.bytes_released - before.bytes_released
+    if after.evictions > before.evictions:
+        _log.debug(
+            "pool %s gave back %d byte(s) in %d release(s); working set %d bytes",
+            after.device, released, after.evictions - before.evictions, after.working_set_bytes,
+        )
+    if after.fallbacks > before.fallbacks:
+        _log.debug("pool %s: %d allocation(s) served by the ordinary allocator", after.device, after.fallbacks - before.fallbacks)
+
+
 def _limit_report(message: str, blocks: list[dict[str, Any]]) -> str:
     lines = [message]
     if blocks:
@@ -284,28 +314,6 @@ def _limit_report(message: str, blocks: list[dict[str, Any]]) -> str:
         if not any(b["frames"] for b in blocks):
             lines.append("(pass enable_profiling=True to see where each block was allocated)")
     return "\n".join(lines)
-
-
-def describe_block(block: dict[str, Any]) -> str:
-    """One line for a pooled block: its size, what was asked for, and where when known."""
-    text = f"{block['size'] / 2**20:.2f} MiB block ({block['requested_size']} bytes requested)"
-    frame = user_frame(block["frames"])
-    if frame is not None:
-        text += f", allocated at {frame['filename']}:{frame['line']} in {frame['name']}"
-    return text
-
-
-_TORCH_DIR = torch.__file__.rsplit("/", 1)[0] + "/"
-_PACKAGE_DIR = __file__.rsplit("/", 1)[0] + "/"
-
-
-def user_frame(frames: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
-    """The innermost frame outside torch and poolscope: the line that asked for the memory."""
-    for frame in frames:
-        name = frame["filename"]
-        if not name.startswith(_TORCH_DIR) and not name.startswith(_PACKAGE_DIR):
-            return frame
-    return frames[0] if frames else None
 
 
 def pool_scope(

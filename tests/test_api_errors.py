@@ -1,4 +1,4 @@
-"""Bad input gets a TypeError/ValueError that names the value, and leaves nothing behind."""
+"""Bad input gets a PoolscopeTypeError/PoolscopeValueError (also TypeError/ValueError) naming the value."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ import poolscope
         ({"threshold": float("nan")}, TypeError, r"got nan of type float"),
         ({"threshold": True}, TypeError, r"got True of type bool"),
         ({"threshold": None}, TypeError, r"got None of type NoneType"),
-        ({"capture": "everything"}, ValueError, r"capture must be one of \('factories', 'all'\); got 'everything'"),
+        ({"capture": "everything"}, ValueError, r"capture must be one of \('all', 'factories'\); got 'everything'"),
+        ({"max_bytes": -1}, ValueError, r"max_bytes must be >= 0 bytes; got -1"),
+        ({"on_limit": "ignore"}, ValueError, r"on_limit must be one of \('raise', 'fallback'\); got 'ignore'"),
         ({"capture": 3}, TypeError, r"capture must be one of"),
         ({"device": "tpu9"}, ValueError, r"device 'tpu9' is not a device"),
         ({"device": "meta"}, ValueError, r"device 'meta' has no memory to pool"),
@@ -29,8 +31,9 @@ import poolscope
     ],
 )
 def test_pool_scope_rejects_bad_arguments(kwargs, error, match):
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as raised:
         poolscope.pool_scope(**kwargs)
+    assert isinstance(raised.value, poolscope.PoolscopeError)
     with pytest.raises(error, match=match):
         poolscope.pooled_forward(**kwargs)
 
@@ -43,9 +46,15 @@ def test_unavailable_device_is_named():
         poolscope.get_pool("cuda:0")
 
 
-def test_capture_modes():
-    assert poolscope.pool_scope(capture="all")._capture_all
-    assert not poolscope.pool_scope()._capture_all
+def test_capture_factories_is_deprecated_and_means_all():
+    with pytest.warns(DeprecationWarning, match=r"capture='factories'\) is deprecated"):
+        scope = poolscope.pool_scope(capture="factories")
+    assert scope.threshold == poolscope.pool_scope(capture="all").threshold
+
+
+def test_ambiguous_lowercase_units_are_refused_with_both_readings():
+    with pytest.raises(ValueError, match=r"got '4mb' \(write 4MB for powers of 1000 or 4MiB for powers of 1024\)"):
+        poolscope.pool_scope(threshold="4mb")
 
 
 def test_threshold_units():
@@ -53,7 +62,8 @@ def test_threshold_units():
     assert poolscope.pool_scope(threshold="512KB").threshold == 512_000
     assert poolscope.pool_scope(threshold="512KiB").threshold == 512 * 1024
     assert poolscope.pool_scope(threshold="2GB").threshold == 2 * 10**9
-    assert poolscope.pool_scope(threshold="1.5 mib").threshold == 3 << 19
+    assert poolscope.pool_scope(threshold="1.5 MiB").threshold == 3 << 19
+    assert poolscope.pool_scope(threshold="4kB").threshold == 4000
     assert poolscope.pool_scope(threshold="100").threshold == 100
     assert poolscope.pool_scope(threshold=0).threshold == 0
 
@@ -100,6 +110,10 @@ def test_exception_inside_scope_propagates_and_cleans_up():
     # the autouse fixture checks that no mode and no scope remain
 
 
-def test_errors_are_runtime_errors_for_users_who_catch_broadly():
-    assert issubclass(poolscope.EscapeError, poolscope.PoolscopeError)
+def test_one_exception_base_class():
     assert issubclass(poolscope.PoolscopeError, RuntimeError)
+    for cls in (poolscope.EscapeError, poolscope.ScopeLimitError, poolscope.PoolscopeTypeError, poolscope.PoolscopeValueError):
+        assert issubclass(cls, poolscope.PoolscopeError)
+    assert issubclass(poolscope.PoolscopeTypeError, TypeError)
+    assert issubclass(poolscope.PoolscopeValueError, ValueError)
+    assert issubclass(poolscope.ScopeLimitError, torch.OutOfMemoryError)

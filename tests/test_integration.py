@@ -59,6 +59,7 @@ def _train(pooled: bool, optimizer_cls, steps: int = 3, backward_inside: bool = 
     return model, losses
 
 
+@pytest.mark.pools
 @pytest.mark.parametrize("optimizer_cls", [torch.optim.SGD, torch.optim.Adam])
 @pytest.mark.parametrize("backward_inside", [False, True])
 def test_training_is_bit_identical_and_gives_every_block_back(optimizer_cls, backward_inside):
@@ -74,6 +75,7 @@ def test_training_is_bit_identical_and_gives_every_block_back(optimizer_cls, bac
     assert poolscope.get_pool().stats().bytes_in_use == before.bytes_in_use
 
 
+@pytest.mark.pools
 def test_saved_tensors_keep_their_blocks_until_backward():
     torch.manual_seed(0)
     model = NoisyMLP()
@@ -140,6 +142,7 @@ def test_real_modules_bit_identical(name, dtype):
     assert_same_tree(plain, pooled)
 
 
+@pytest.mark.pools
 def test_scaled_dot_product_attention_with_pooled_inputs_and_masks():
     torch.manual_seed(0)
     plain_in = [torch.randn(1, 8, 1024, 64) for _ in range(3)]
@@ -150,7 +153,7 @@ def test_scaled_dot_product_attention_with_pooled_inputs_and_masks():
         pooled_in = [torch.randn(1, 8, 1024, 64) for _ in range(3)]
         pooled_mask = torch.ones(1024, 1024, dtype=torch.bool).tril()
         pooled = F.scaled_dot_product_attention(*pooled_in, attn_mask=pooled_mask)
-    assert scope.stats.allocations_routed == 4
+    assert scope.stats.allocations_routed >= 5  # the inputs, the mask and the output at least
     assert_same(plain, pooled)
 
 
@@ -159,9 +162,10 @@ def test_scaled_dot_product_attention_with_pooled_inputs_and_masks():
 
 def _scratch_fn(x):
     buf = torch.zeros(x.shape[0], 1024)
-    return (buf + x[:, None]).relu().sum(1)
+    return (buf + x[:, None]).relu()  # 4 MiB: Inductor allocates it through the CPU allocator
 
 
+@pytest.mark.pools
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
 def test_compiled_function_inside_a_scope_compiles_and_matches(backend):
     x = torch.randn(1024)
@@ -171,8 +175,7 @@ def test_compiled_function_inside_a_scope_compiles_and_matches(backend):
     with poolscope.pool_scope() as scope:
         pooled = compiled(x)
     assert_same(plain, pooled)
-    if backend != "inductor":  # Inductor allocates its own buffers, outside the dispatcher
-        assert scope.stats.allocations_routed == 1
+    assert scope.stats.allocations_routed >= 1  # Inductor's buffers included: they come from the allocator
 
 
 def test_compiling_inside_a_scope_traces_one_graph_without_breaks():
@@ -235,7 +238,7 @@ def test_flop_counter_counts_the_same():
 def test_meta_and_fake_never_routed():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with poolscope.pool_scope(threshold=0) as scope:
+    with poolscope.pool_scope() as scope:
         with torch.device("meta"):
             m = nn.Linear(4096, 4096)
         with FakeTensorMode():
@@ -315,6 +318,7 @@ def test_pooling_a_module_instance_and_undoing_it():
     poolscope.reset_report()
 
 
+@pytest.mark.pools
 def test_instance_switch_applies_to_wrapped_instances():
     def routed(module):
         before = poolscope.get_pool().stats()
@@ -327,9 +331,7 @@ def test_instance_switch_applies_to_wrapped_instances():
     switched_off.enable_memory_pool = False
     switched_on = poolscope.pooled_forward(nn.Sequential(nn.Linear(512, 4096), nn.ReLU()), threshold=0)
     assert routed(plain) == 0 and routed(switched_off) == 0
-    assert routed(switched_on) == 0  # Linear/ReLU outputs are op results, not factories
-    with_factory = poolscope.pooled_forward(NoisyMLP(), threshold=0)
-    assert routed(with_factory) > 0
+    assert routed(switched_on) == 2  # the Linear's and the ReLU's 1 MiB outputs
 
 
 # --- distributed -------------------------------------------------------------------------------
@@ -358,6 +360,7 @@ def _ddp_worker(rank, world, init_file, pooled, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.pools
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 def test_ddp_two_processes_gloo():
     import torch.multiprocessing as mp

@@ -37,6 +37,7 @@ class Block(torch.nn.Module):
         return x + scratch[:1]
 
 
+@pytest.mark.pools
 def test_report_accumulates_named_scopes_sorted_by_bytes():
     BLOCK_POOL.empty_cache()
     block = Block()
@@ -48,7 +49,10 @@ def test_report_accumulates_named_scopes_sorted_by_bytes():
         torch.ones(MiB)
     text = poolscope.report()
     lines = text.splitlines()
-    assert lines[0].split() == ["scope", "calls", "routed", "MiB", "routed", "hit", "rate", "peak", "MiB", "escaped", "alloc", "ms"]
+    assert lines[0].split() == [
+        "scope", "calls", "routed", "MiB", "routed", "hit", "rate", "peak", "MiB", "live", "MiB", "escaped", "fallbacks",
+        "alloc", "ms",
+    ]
     big, block_row = lines[2].split(), lines[3].split()
     assert big[:4] == ["big", "1", "1", "32.0"]
     assert block_row[:4] == ["Block.forward", "3", "3", "12.0"]
@@ -59,6 +63,7 @@ def test_report_accumulates_named_scopes_sorted_by_bytes():
     assert len(poolscope.report().splitlines()) == 2
 
 
+@pytest.mark.pools
 def test_scope_stats_peak_and_alloc_time():
     with poolscope.pool_scope() as scope:
         a = torch.zeros(MiB)
@@ -72,10 +77,11 @@ def test_scope_stats_peak_and_alloc_time():
 
 
 def test_idle_named_scope_warns_once():
-    with pytest.warns(poolscope.PoolscopeWarning, match=r"scope 'idle' ran 100 times and routed nothing"):
+    with pytest.warns(poolscope.PoolscopeWarning, match=r"scope 'idle' ran 100 times and pooled nothing") as record:
         for _ in range(100):
             with poolscope.pool_scope(name="idle"):
                 torch.zeros(4)
+    assert record[0].filename == __file__  # attributed to the user's line, not to poolscope or sys:1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with poolscope.pool_scope(name="idle"):
@@ -89,14 +95,15 @@ def test_cap_below_threshold_warns():
             torch.zeros(MiB)
 
 
-def test_logging_reports_growth_and_eviction(caplog):
-    pool = poolscope.TensorPool("cpu", max_cached_bytes=0)
+@pytest.mark.pools
+def test_logging_reports_growth_and_release(caplog):
+    pool = poolscope.TensorPool("cpu", release_after=0)
     with caplog.at_level(logging.DEBUG, logger="poolscope"):
         with poolscope.pool_scope(pool=pool, threshold=0):
             torch.zeros(MiB)
     messages = [r.getMessage() for r in caplog.records if r.name == "poolscope"]
-    assert any("grew by a 4194304-byte block" in m for m in messages)
-    assert any("evicted 1 block(s)" in m for m in messages)
+    assert any("pool cpu grew: 1 allocation(s) needed new memory" in m for m in messages)
+    assert any("pool cpu gave back" in m for m in messages)
 
 
 def test_profiler_shows_scope_ranges():
@@ -117,6 +124,7 @@ def _profiled_allocations():
     return b
 
 
+@pytest.mark.pools
 def test_snapshot_renders_in_pytorch_memory_viz(tmp_path):
     keep = _profiled_allocations()
     snap = poolscope.snapshot()
@@ -153,6 +161,7 @@ def test_snapshot_renders_in_pytorch_memory_viz(tmp_path):
     del keep
 
 
+@pytest.mark.pools
 def test_snapshot_without_profiling_has_state_but_no_timeline():
     pool = poolscope.TensorPool("cpu")
     with poolscope.pool_scope(pool=pool):
@@ -170,6 +179,7 @@ def test_dump_snapshot_rejects_bad_path():
         poolscope.dump_snapshot(3)
 
 
+@pytest.mark.pools
 def test_seed_profiling_records_frames():
     pool = poolscope.get_global_memory_pool(enable_profiling=True)
     t = pool.allocate((MiB,), torch.float32, "cpu")
@@ -185,17 +195,24 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.pools
 def test_environment_configuration():
     code = (
         "import torch, poolscope\n"
         "with poolscope.pool_scope() as s:\n"
         "    torch.zeros(1 << 20)\n"
-        "print(s.stats.allocations_routed, poolscope.pool_scope().threshold, poolscope.get_pool().max_cached_bytes)\n"
+        "pool = poolscope.get_pool()\n"
+        "print(s.stats.allocations_routed, poolscope.pool_scope().threshold, pool.max_cached_bytes, "
+        "pool.release_after, poolscope.engine())\n"
     )
-    assert _python(code).stdout.split() == ["1", str(MiB), "None"]
-    assert _python(code, POOLSCOPE_DISABLE="1").stdout.split() == ["0", str(MiB), "None"]
-    out = _python(code, POOLSCOPE_THRESHOLD="8MiB", POOLSCOPE_MAX_CACHED="1GiB", POOLSCOPE_DISABLE="off")
-    assert out.stdout.split() == ["0", str(8 * MiB), str(1 << 30)]
+    assert _python(code).stdout.split() == ["1", str(MiB), "None", "100", "native"]
+    assert _python(code, POOLSCOPE_DISABLE="1").stdout.split() == ["0", str(MiB), "None", "100", "passthrough"]
+    assert _python(code, POOLSCOPE_ENGINE="passthrough").stdout.split()[-1] == "passthrough"
+    assert _python(code, POOLSCOPE_ENGINE="native").stdout.split()[-1] == "native"
+    out = _python(
+        code, POOLSCOPE_THRESHOLD="8MiB", POOLSCOPE_MAX_CACHED="1GiB", POOLSCOPE_DISABLE="off", POOLSCOPE_RELEASE_AFTER="7"
+    )
+    assert out.stdout.split() == ["0", str(8 * MiB), str(1 << 30), "7", "native"]
 
 
 @pytest.mark.parametrize(
@@ -205,6 +222,9 @@ def test_environment_configuration():
         ("POOLSCOPE_THRESHOLD", "lots", r"POOLSCOPE_THRESHOLD='lots' is invalid: threshold must be"),
         ("POOLSCOPE_THRESHOLD", "-3", r"POOLSCOPE_THRESHOLD='-3' is invalid"),
         ("POOLSCOPE_MAX_CACHED", "1 parsec", r"POOLSCOPE_MAX_CACHED='1 parsec' is invalid: max_cached_bytes must be"),
+        ("POOLSCOPE_RELEASE_AFTER", "-1", r"POOLSCOPE_RELEASE_AFTER='-1' is invalid: release_after must be an int >= 0"),
+        ("POOLSCOPE_ENGINE", "fast", r"POOLSCOPE_ENGINE='fast' is invalid: POOLSCOPE_ENGINE must be one of \('native', 'passthrough'\)"),
+        ("POOLSCOPE_ENGINE", "dispatch", r"the dispatch-mode engine was removed in poolscope 0.2"),
     ],
 )
 def test_bad_environment_fails_at_import(name, value, match):
@@ -215,6 +235,7 @@ def test_bad_environment_fails_at_import(name, value, match):
     assert re.search(match, out.stderr), out.stderr
 
 
+@pytest.mark.pools
 def test_main_command_runs_and_reports(tmp_path):
     snap = tmp_path / "snap.pickle"
     out = subprocess.run(

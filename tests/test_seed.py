@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import poolscope
 from poolscope import get_global_memory_pool
 
 
@@ -109,3 +110,31 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match=r"deallocate takes a torch.Tensor; got \[1\]"):
         pool.deallocate([1])
     assert pool.allocate(0, torch.float32, "cpu").shape == (0,)
+
+
+def test_newer_seed_signature_with_positional_strategy():
+    # The seed project's newer pools: allocate(shape, dtype=float32, device=None, strategy="auto").
+    pool = get_global_memory_pool()
+    for strategy in ("auto", "bucketed", "fragment_aware", "numa_aware", "fallback"):
+        t = pool.allocate((256, 1024), torch.float16, None, strategy)
+        assert t.dtype == torch.float16 and t.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+        assert not t.any()
+    assert pool.allocate((4, 4)).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"strategy must be one of \('auto', 'bucketed'.*got 'fastest'"):
+        pool.allocate((4,), torch.float32, "cpu", "fastest")
+    with pytest.raises(TypeError, match=r"got False of type bool \(pass zero_init= by keyword\)"):
+        pool.allocate((4,), torch.float32, "cpu", False)
+
+
+@pytest.mark.pools
+def test_allocate_is_pooled_and_does_not_count_as_a_scope_exit():
+    pool = get_global_memory_pool()
+    before = poolscope.get_pool("cpu").stats()
+    t = pool.allocate((1 << 20,), torch.float32, "cpu")
+    after = poolscope.get_pool("cpu").stats()
+    assert after.blocks_in_use == before.blocks_in_use + 1
+    del t
+    # an allocate is not a scope of the user's: the cache's working set is measured over scope exits
+    with poolscope.pool_scope():
+        pass
+    assert poolscope.get_pool("cpu").stats().working_set_bytes >= 4 << 20

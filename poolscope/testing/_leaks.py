@@ -9,7 +9,8 @@ from typing import Any, Optional
 import torch
 
 from .._config import DEFAULT_THRESHOLD, ByteSize, DeviceLike, parse_count
-from .._scope import PoolScope, describe_block, make_settings
+from .._frames import describe_block
+from .._scope import PoolScope, make_settings
 
 __all__ = ["assert_no_leaks"]
 
