@@ -75,6 +75,7 @@ class GlobalMemoryPool:
             raise PoolscopeTypeError(
                 f"strategy must be one of {STRATEGIES}; got {strategy!r} of type bool (pass zero_init= by keyword)"
             )
+        check_bool(zero_init, "zero_init")
         if parse_choice(strategy, "strategy", STRATEGIES) == "fallback":
             tensor = torch.empty(size, dtype=dtype, device=dev)
         else:
@@ -82,7 +83,7 @@ class GlobalMemoryPool:
                                 strict=False, name=None, profiling=self.enable_profiling)
             with internal_scope(settings):
                 tensor = torch.empty(size, dtype=dtype, device=dev)
-        if check_bool(zero_init, "zero_init"):
+        if zero_init:
             tensor.zero_()
         return tensor
 
