@@ -270,7 +270,7 @@ class PoolScope(contextlib.ContextDecorator):
         assert self._backend is not None and self._final is not None
         if exc_type is not None and issubclass(exc_type, torch.OutOfMemoryError) and not isinstance(exc, ScopeLimitError):
             refused = self._backend.limit_error()
-            if refused is not None:
+            if refused is not None and refused[0] in str(exc):
                 message, blocks = refused
                 raise ScopeLimitError(_limit_report(message, clean_blocks(blocks))) from exc
         if self._settings.strict and self._final.escaped and exc_type is None:

@@ -140,8 +140,8 @@ def test_snapshot_renders_in_pytorch_memory_viz(tmp_path):
     cpu_trace = snap["device_traces"][-1]
     actions = [e["action"] for e in cpu_trace]
     assert actions.count("alloc") >= 2 and "free_completed" in actions
-    frames = next(e["frames"] for e in cpu_trace if e["action"] == "alloc")
-    assert frames[0]["name"] == "_profiled_allocations" and frames[0]["filename"].endswith("test_observability.py")
+    ours = [e["frames"] for e in cpu_trace if e["action"] == "alloc" and e["frames"][0]["name"] == "_profiled_allocations"]
+    assert len(ours) >= 2 and ours[-1][0]["filename"] == __file__
     live = [b for s in snap["segments"] for b in s["blocks"] if b["state"] == "active_allocated"]
     assert any(b["requested_size"] == 12 * MiB for b in live)
 

@@ -249,11 +249,13 @@ c10::DataPtr lend(Scope* top, size_t nbytes) {
     }
     limiting->refused += 1;
     std::string message = limit_message(limiting, size, nbytes);
-    limiting->limit_message = message;
-    limiting->limit_blocks.clear();
+    std::vector<BlockInfo> alive;
     for (const Block* block : live_blocks_locked(limiting)) {
-      limiting->limit_blocks.push_back(BlockInfo{block->size, block->requested, block->context});
+      alive.push_back(BlockInfo{block->size, block->requested, block->context});
     }
+    // The requesting scope exits first and turns the error into ScopeLimitError.
+    top->limit_message = message;
+    top->limit_blocks = std::move(alive);
     lock.unlock();
     TORCH_CHECK_WITH(OutOfMemoryError, false, message);
   }

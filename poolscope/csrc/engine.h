@@ -166,7 +166,7 @@ struct Scope : std::enable_shared_from_this<Scope> {
   int64_t live_bytes = 0, live_blocks = 0, peak_bytes = 0;
   int64_t routed = 0, routed_bytes = 0, hits = 0, misses = 0, fallbacks = 0, refused = 0;
   int64_t alloc_ns = 0;
-  std::string limit_message;           // why the last allocation past max_bytes was refused
+  std::string limit_message;           // why its last allocation past a max_bytes was refused
   std::vector<BlockInfo> limit_blocks;  // what was alive then
 };
 

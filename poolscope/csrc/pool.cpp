@@ -206,8 +206,34 @@ void Pool::shrink_to(size_t budget, Releases& out) {
     }
     free_blocks.erase(block);
     committed_free -= block->committed;
-    bytes_released += static_cast<int64_t>(block->committed);
     evictions += 1;
+    const size_t keep = committed_free < budget ? round_down(budget - committed_free, kPage) : 0;
+    if (keep >= kMinSplit && block->size - keep >= kMinSplit) {
+      // Only part of it is over budget: keep the front (where recent requests were
+      // carved), drop the pages of the rest.
+      auto* tail = new Block;
+      tail->pool = this;
+      tail->segment = block->segment;
+      tail->addr = block->addr + keep;
+      tail->size = block->size - keep;
+      tail->prev = block;
+      tail->next = block->next;
+      if (block->next != nullptr) {
+        block->next->prev = tail;
+      }
+      block->next = tail;
+      tail->state = BlockState::decommitting;
+      tail->freed_epoch = block->freed_epoch;
+      size_t kept = std::min(block->committed, keep);
+      bytes_released += static_cast<int64_t>(block->committed - kept);
+      block->size = keep;
+      block->committed = kept;
+      free_blocks.insert(block);
+      committed_free += kept;
+      out.decommit_blocks.push_back(tail);
+      continue;
+    }
+    bytes_released += static_cast<int64_t>(block->committed);
     if (whole(block)) {
       // The whole segment is free: give it back to the replaced allocator.
       Segment* segment = block->segment;
@@ -232,7 +258,9 @@ size_t Pool::working_set() const {
 }
 
 size_t Pool::cache_budget() const {
-  size_t wanted = working_set();
+  // New segments are sized up to 1.25x their first request, so the memory that
+  // serves a working set can be that much larger than the bytes it uses.
+  size_t wanted = working_set() + working_set() / 4;
   size_t budget = wanted > in_use ? wanted - in_use : 0;
   if (max_cached != kNone) {
     budget = std::min(budget, static_cast<size_t>(max_cached));

@@ -1,0 +1,214 @@
+"""Memory you get back: the working set stays, spikes go back to the system, scopes can be capped."""
+
+from __future__ import annotations
+
+import gc
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import poolscope
+
+pytestmark = pytest.mark.pools
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+
+
+def step(pool, sizes):
+    """One outermost scope: allocate tensors of ``sizes`` MiB, all alive at once, then drop them."""
+    with poolscope.pool_scope(pool=pool):
+        held = [torch.empty(n * MiB, dtype=torch.uint8).fill_(1) for n in sizes]
+        del held
+
+
+def test_a_steady_loop_keeps_its_working_set():
+    pool = poolscope.TensorPool("cpu")
+    for _ in range(5):
+        step(pool, [32, 32, 32])
+    warm = pool.stats()
+    for _ in range(300):  # far more exits than release_after: nothing idle, nothing given back
+        step(pool, [32, 32, 32])
+    s = pool.stats()
+    assert s.misses == warm.misses and s.hits - warm.hits == 900
+    assert s.bytes_released == warm.bytes_released == 0
+    assert s.bytes_cached == 96 * MiB and s.working_set_bytes == 96 * MiB
+
+
+def test_memory_no_exit_reused_for_release_after_exits_goes_back():
+    pool = poolscope.TensorPool("cpu", release_after=10)
+    step(pool, [256])
+    assert pool.stats().bytes_cached == 256 * MiB
+    for i in range(9):
+        step(pool, [8, 8])
+        assert pool.stats().bytes_released == 0, i  # the spike's exit is still one of the last 10
+    step(pool, [8, 8])
+    s = pool.stats()
+    assert s.working_set_bytes == 16 * MiB
+    assert s.bytes_released >= 256 * MiB - 20 * MiB and s.bytes_cached <= 20 * MiB
+    hits = s.hits
+    for _ in range(20):
+        step(pool, [8, 8])
+    assert pool.stats().hits - hits == 40  # the small working set stays cached
+
+
+def test_only_outermost_exits_count():
+    pool = poolscope.TensorPool("cpu", release_after=3)
+    step(pool, [64])
+    with poolscope.pool_scope(pool=pool):
+        for _ in range(20):  # nested exits do not advance the window
+            step(pool, [1])
+        assert pool.stats().bytes_cached >= 63 * MiB
+
+
+def test_release_after_zero_gives_everything_back_at_each_outermost_exit():
+    pool = poolscope.TensorPool("cpu", release_after=0)
+    step(pool, [16, 16])
+    assert pool.stats().bytes_cached == 0 and pool.stats().segments == 0
+
+
+def test_varying_sizes_share_memory_instead_of_multiplying_the_cache():
+    pool = poolscope.TensorPool("cpu")
+    rng = random.Random(0)
+    most_alive = 0
+    for _ in range(200):
+        sizes = [rng.randint(1, 48) for _ in range(2)]
+        most_alive = max(most_alive, sum(sizes))
+        step(pool, sizes)
+    s = pool.stats()
+    # Size classes alone would keep a block per class and size: several times the peak.
+    assert s.bytes_cached <= 1.5 * most_alive * MiB, (s.bytes_cached // MiB, most_alive)
+    assert s.hits / (s.hits + s.misses) >= 0.9
+
+
+def test_release_unused_gives_back_every_pool_but_keeps_live_tensors():
+    pools = [poolscope.TensorPool("cpu") for _ in range(2)]
+    for pool in pools:
+        step(pool, [8])
+    with poolscope.pool_scope(pool=pools[0]):
+        live = torch.full((MiB,), 2.0)
+    poolscope.release_unused()
+    for pool in pools:
+        assert pool.stats().bytes_cached == 0
+    assert torch.all(live == 2.0) and pools[0].stats().blocks_in_use == 1
+    del live
+
+
+RSS_SCRIPT = r"""
+import torch, poolscope
+
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+
+pool = poolscope.get_pool("cpu")
+base = rss_mib()
+with poolscope.pool_scope():
+    spike = torch.ones(256 << 20)  # 1 GiB, once
+    del spike
+after_spike = rss_mib()
+for _ in range(101):
+    with poolscope.pool_scope():
+        a = torch.ones(8 << 20)  # 32 MiB each, steadily
+        b = a * 2
+        del a, b
+after_loop = rss_mib()
+poolscope.release_unused()
+print(base, after_spike, after_loop, rss_mib(), pool.stats().bytes_cached >> 20)
+"""
+
+
+def test_resident_memory_really_falls():
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    base, after_spike, after_loop, after_release, cached = map(int, out.stdout.split())
+    assert after_spike - base >= 1000  # the spike is cached, resident
+    assert after_loop - base <= 64 + 40  # the spike went back; the 64 MiB working set stayed
+    assert cached == 0 and after_release - base <= 40
+
+
+def test_scope_limit_raises_naming_the_scope_what_is_alive_and_where():
+    with pytest.raises(poolscope.ScopeLimitError) as raised:
+        with poolscope.pool_scope(max_bytes="10MiB", name="decode", enable_profiling=True):
+            first = torch.zeros(MiB)  # 4 MiB
+            second = torch.zeros(MiB)  # 8 MiB
+            third = torch.zeros(MiB)  # 12 MiB: refused
+    message = str(raised.value)
+    assert "pool_scope(name='decode', max_bytes=10485760) refused an allocation of 4194304 bytes" in message
+    assert "8388608 bytes in 2 pooled block(s)" in message
+    assert message.count("test_memory.py:") == 2 and "in test_scope_limit_raises" in message
+    assert isinstance(raised.value, torch.OutOfMemoryError) and isinstance(raised.value, poolscope.PoolscopeError)
+    assert isinstance(raised.value.__cause__, torch.OutOfMemoryError)
+    del first, second
+
+
+def test_inside_the_scope_the_refusal_is_an_out_of_memory_error():
+    with poolscope.pool_scope(max_bytes="4MiB") as scope:
+        keep = torch.zeros(MiB)
+        with pytest.raises(torch.OutOfMemoryError, match="refused an allocation"):
+            torch.zeros(MiB)
+        del keep
+        again = torch.zeros(MiB)  # fits once the first block is gone
+    assert scope.stats.fallbacks == 0
+    del again
+
+
+def test_scope_limit_fallback_serves_the_rest_from_the_ordinary_allocator():
+    pool = poolscope.TensorPool("cpu")
+    torch.manual_seed(0)
+    plain = [torch.randn(MiB) * 2 for _ in range(4)]
+    torch.manual_seed(0)
+    with poolscope.pool_scope(pool=pool, max_bytes="8MiB", on_limit="fallback") as scope:
+        pooled = [torch.randn(MiB) * 2 for _ in range(4)]  # 8 allocations of 4 MiB, 4 alive at the end
+        assert scope.stats.bytes_in_use <= 8 * MiB
+    assert all(torch.equal(a, b) for a, b in zip(plain, pooled))
+    assert scope.stats.fallbacks >= 2 and scope.stats.peak_bytes_in_use <= 8 * MiB
+    assert pool.stats().fallbacks == scope.stats.fallbacks
+    del pooled
+
+
+def test_nested_scopes_count_toward_their_parents_limit():
+    with poolscope.pool_scope(max_bytes="8MiB", name="outer"):
+        keep = torch.zeros(MiB)  # 4 MiB toward the outer limit
+        with pytest.raises(poolscope.ScopeLimitError, match="name='outer'"):
+            with poolscope.pool_scope(name="inner"):  # no limit of its own; its exit raises the error
+                torch.zeros(MiB)  # 8 MiB: fine
+                torch.zeros(2 * MiB)  # 4 + 8 > 8: refused by the outer scope
+        del keep
+
+
+def test_figures_of_nested_and_overlapping_scopes_are_exact_and_in_the_report():
+    import threading
+
+    poolscope.reset_report()
+    barrier = threading.Barrier(2)
+    peaks = {}
+
+    def worker(name, mib):
+        with poolscope.pool_scope(name=name) as scope:
+            x = torch.zeros(mib * MiB // 4)
+            barrier.wait(timeout=30)  # both threads hold their tensors at once
+            del x
+        peaks[name] = scope.stats.peak_bytes_in_use
+
+    threads = [threading.Thread(target=worker, args=(n, m)) for n, m in (("left", 8), ("right", 16))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peaks == {"left": 8 * MiB, "right": 16 * MiB}  # independent of each other
+    with poolscope.pool_scope(name="kept") as scope:
+        kept = torch.zeros(MiB)
+    rows = {line.split()[0]: line.split() for line in poolscope.report().splitlines()[2:]}
+    assert rows["right"][5] == "16.0" and rows["left"][5] == "8.0"  # peak MiB
+    assert rows["kept"][6] == "4.0" and rows["left"][6] == "0.0"  # live MiB: what is still alive now
+    del kept
+    gc.collect()
+    rows = {line.split()[0]: line.split() for line in poolscope.report().splitlines()[2:]}
+    assert rows["kept"][6] == "0.0"
+    poolscope.reset_report()
