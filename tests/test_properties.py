@@ -26,9 +26,7 @@ def test_random_programs_are_alias_free_leak_free_and_transparent(program):
     plain = run_program(program, scoped=False)
     pooled = run_program(program, pool=pool)
     assert len(plain.results) == len(pooled.results)
-    for a, b in zip(plain.results, pooled.results):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    del a, b  # the loop's last pooled result    # Alive now: what the program escaped and the copies it kept of its results, nothing else.
+    assert all(a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) for a, b in zip(plain.results, pooled.results))    # Alive now: what the program escaped and the copies it kept of its results, nothing else.
     assert pool.stats().blocks_in_use <= len(pooled.escaped) + len(pooled.results)
     del pooled
     check_accounting(pool, before)

@@ -1,0 +1,286 @@
+"""The native engine against its targets: cheap where it cannot help, as fast as the limit where it can.
+
+Each workload runs plain, in poolscope, under glibc's never-give-back tuning (the one-line
+competitor), and against the best hand-written alternative where there is one (preallocated
+``out=`` buffers, buffers reused by hand). Cases run in child processes, side by side, round
+after round (see ``_harness.py``); figures are medians.
+
+Run:  python benchmarks/engine.py [--rounds 5] [--out benchmarks/results] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+MiB = 1 << 20
+
+
+def scoped(mode: str, body: Callable[[], Any]) -> Callable[[], Any]:
+    """``body`` as it runs in ``mode``: one pool scope around each call for "pooled"."""
+    if mode != "pooled":
+        return body
+    import poolscope
+
+    def step() -> Any:
+        with poolscope.pool_scope():
+            return body()
+
+    return step
+
+
+# --- workloads (each returns the step to time; the child process calls it) ------------------------
+
+
+def tiny_ops(mode: str, n: int = 10_000) -> Callable[[], Any]:
+    x = torch.randn(16, 16)
+
+    def body() -> None:
+        for _ in range(n // 2):
+            x.add(1)
+            x * 0.5
+
+    return scoped(mode, body)
+
+
+class DecodeLayer(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor, cache: list[torch.Tensor]) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        cache[0] = torch.cat([cache[0], k], dim=2)  # the KV cache grows by one token per step
+        cache[1] = torch.cat([cache[1], v], dim=2)
+        att = (q @ cache[0].transpose(-1, -2) * (d // self.heads) ** -0.5).softmax(-1) @ cache[1]
+        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(x)
+
+
+def decode(mode: str, tokens: int = 48, prompt: int = 1024, d: int = 256, layers: int = 2) -> Callable[[], Any]:
+    torch.manual_seed(0)
+    model = nn.ModuleList(DecodeLayer(d, 8) for _ in range(layers)).eval()
+    start = torch.randn(1, 1, d)
+    heads, hd = 8, d // 8
+
+    def body() -> torch.Tensor:
+        caches = [[torch.randn(1, heads, prompt, hd), torch.randn(1, heads, prompt, hd)] for _ in range(layers)]
+        x = start
+        with torch.inference_mode():
+            for _ in range(tokens):
+                for layer, cache in zip(model, caches):
+                    x = layer(x, cache)
+        return x
+
+    return scoped(mode, body)
+
+
+def attention(mode: str, length: int = 2048, context: str = "inference_mode") -> Callable[[], Any]:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 8, length, 64) for _ in range(3))
+    scale = 64**-0.5
+    ctx = getattr(torch, context)
+    if mode == "out":
+        scores, probs, out = torch.empty(1, 8, length, length), torch.empty(1, 8, length, length), torch.empty_like(q)
+
+        def preallocated() -> torch.Tensor:
+            with ctx():
+                torch.matmul(q, k.transpose(-1, -2), out=scores)
+                scores.mul_(scale)
+                torch.ops.aten._softmax.out(scores, -1, False, out=probs)
+                return torch.matmul(probs, v, out=out)
+
+        return preallocated
+
+    def body() -> torch.Tensor:
+        with ctx():
+            return ((q @ k.transpose(-1, -2)) * scale).softmax(-1) @ v
+
+    return scoped(mode, body)
+
+
+def seed_scratch(mode: str, tokens: int = 65536, width: int = 256) -> Callable[[], Any]:
+    """The hand-written pools' pattern: zero-initialised output and scratch buffers every forward."""
+    x = torch.randn(tokens)
+    if mode == "reuse":
+        out, scratch = torch.zeros(tokens, width), torch.zeros(tokens, width)
+
+        def by_hand() -> torch.Tensor:
+            out.zero_()
+            scratch.zero_()
+            scratch.add_(x[:, None])
+            return out.add_(scratch)
+
+        return by_hand
+
+    def body() -> torch.Tensor:
+        out = torch.zeros(tokens, width)
+        scratch = torch.zeros(tokens, width)
+        scratch.add_(x[:, None])
+        return out.add_(scratch)
+
+    return scoped(mode, body)
+
+
+def encoder(mode: str, length: int = 4096, d: int = 256, layers: int = 2) -> Callable[[], Any]:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d, 8, dim_feedforward=4 * d, batch_first=True)
+    model = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
+    x = torch.randn(1, length, d)
+
+    def body() -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+
+    return scoped(mode, body)
+
+
+def hit_path(mode: str, n: int = 10_000) -> Callable[[], Any]:
+    """``torch.empty(1 MiB)`` and its release, ``n`` times (in one scope when pooled: every one a hit)."""
+
+    def body() -> None:
+        for _ in range(n):
+            torch.empty(MiB, dtype=torch.uint8)
+
+    return scoped(mode, body)
+
+
+def threads(mode: str, workers: int = 4, iters: int = 200) -> Callable[[], Any]:
+    """``workers`` threads, each in a scope of its own when pooled, allocating and touching 4 MiB tensors."""
+
+    def work() -> None:
+        cm = contextlib.nullcontext()
+        if mode == "pooled":
+            import poolscope
+
+            cm = poolscope.pool_scope()
+        with cm:
+            for _ in range(iters):
+                torch.zeros(MiB).add_(1)
+
+    def body() -> None:
+        pool = [threading.Thread(target=work) for _ in range(workers)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+
+    if mode == "pooled":
+        import poolscope
+
+        with poolscope.pool_scope():  # load and install once, outside the timing
+            pass
+    return body
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+# workload key -> (function, parameters, smoke parameters, extra modes beside plain and pooled)
+WORKLOADS: dict[str, tuple[str, dict[str, Any], dict[str, Any], tuple[str, ...]]] = {
+    "tiny ops (10k on 16x16)": ("tiny_ops", {}, {"n": 200}, ()),
+    "decode loop, KV cache (48 tokens)": ("decode", {}, {"tokens": 4, "prompt": 256}, ()),
+    "attention L=2048, inference_mode": ("attention", {"context": "inference_mode"}, {"length": 256}, ("out",)),
+    "attention L=2048, no_grad": ("attention", {"context": "no_grad"}, {"length": 256}, ("out",)),
+    "seed-style 64 MiB scratch forward": ("seed_scratch", {}, {"tokens": 4096}, ("reuse",)),
+    "TransformerEncoder L=4096 d=256": ("encoder", {}, {"length": 256}, ()),
+    "torch.empty(1 MiB) + free (10k)": ("hit_path", {}, {"n": 100}, ()),
+    "1 thread (200 x 4 MiB)": ("threads", {"workers": 1, "threads": 1}, {"iters": 5, "workers": 1, "threads": 1}, ()),
+    "4 threads (200 x 4 MiB each)": ("threads", {"workers": 4, "threads": 1}, {"iters": 5, "workers": 4, "threads": 1}, ()),
+}
+NO_GLIBC = {"torch.empty(1 MiB) + free (10k)", "1 thread (200 x 4 MiB)", "4 threads (200 x 4 MiB each)"}
+
+
+def fmt(x: float) -> str:
+    return f"{x:.2f}" if x < 100 else f"{x:.0f}"
+
+
+def targets(results: dict[str, dict[str, dict[str, Any]]]) -> list[list[str]]:
+    """The issue's target table, each figure taken from this run."""
+    rows = []
+
+    def ms(workload: str, label: str) -> float:
+        return results[workload][label]["ms"]
+
+    def row(workload: str, what: str, pooled: float, reference: float, target: str, ok: bool) -> None:
+        rows.append([workload, what, fmt(pooled), fmt(reference), f"{pooled / reference:.2f}x", target, "yes" if ok else "NO"])
+
+    for w in ("tiny ops (10k on 16x16)", "decode loop, KV cache (48 tokens)"):
+        r = ms(w, "poolscope") / ms(w, "plain")
+        row(w, "vs plain", ms(w, "poolscope"), ms(w, "plain"), "<= 1.05x plain", r <= 1.05)
+    for w in ("attention L=2048, inference_mode", "attention L=2048, no_grad"):
+        r = ms(w, "poolscope") / ms(w, "out")
+        row(w, "vs preallocated out=", ms(w, "poolscope"), ms(w, "out"), "<= 1.05x out=", r <= 1.05)
+    w = "seed-style 64 MiB scratch forward"
+    row(w, "vs reuse by hand", ms(w, "poolscope"), ms(w, "reuse"), "<= 1.05x reuse", ms(w, "poolscope") / ms(w, "reuse") <= 1.05)
+    w = "TransformerEncoder L=4096 d=256"
+    row(w, "vs plain", ms(w, "poolscope"), ms(w, "plain"), ">= 1.6x faster", ms(w, "plain") / ms(w, "poolscope") >= 1.6)
+    for w in results:
+        if "glibc" in results[w]:
+            r = ms(w, "poolscope") / ms(w, "glibc")
+            row(w, "vs glibc never-give-back", ms(w, "poolscope"), ms(w, "glibc"), "<= 1.05x glibc", r <= 1.05)
+    w = "torch.empty(1 MiB) + free (10k)"
+    row(w, "vs plain", ms(w, "poolscope"), ms(w, "plain"), "<= 2x plain", ms(w, "poolscope") / ms(w, "plain") <= 2)
+    one, four = "1 thread (200 x 4 MiB)", "4 threads (200 x 4 MiB each)"
+    scale_plain = 4 * ms(one, "plain") / ms(four, "plain")
+    scale_pooled = 4 * ms(one, "poolscope") / ms(four, "poolscope")
+    rows.append(
+        ["4 threads, each in its own scope", "throughput with 4 threads / with 1", f"{scale_pooled:.2f}x",
+         f"{scale_plain:.2f}x (plain)", f"{scale_pooled / scale_plain:.2f} of plain's", ">= 0.8 of plain's",
+         "yes" if scale_pooled >= 0.8 * scale_plain else "NO"]
+    )
+    return rows
+
+
+def main() -> int:
+    from _harness import Case, machine, markdown, peers, side_by_side, write_json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="child processes per case (default 5)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per child (default 7)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks that it runs")
+    parser.add_argument("--only", help="run the workloads whose name contains this")
+    args = parser.parse_args()
+    rounds, repeats, warmup = (1, 2, 1) if args.smoke else (args.rounds, args.repeats, 2)
+    envs, _ = peers(("plain", "glibc"))
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, (fn, params, smoke, extra) in WORKLOADS.items():
+        if args.only and args.only not in name:
+            continue
+        cases = [Case("plain", "plain"), Case("poolscope", "pooled")] + [Case(m, m) for m in extra]
+        if name not in NO_GLIBC:
+            cases.append(Case("glibc", "plain", envs["glibc"]))
+        p = {**params, **(smoke if args.smoke else {}), "repeats": repeats, "warmup": warmup}
+        results[name] = side_by_side(Path(__file__), fn, cases, p, rounds)
+    print(f"\nmachine: {machine()}; {rounds} rounds x {repeats} steps, medians\n")
+    header = ["workload", "plain ms", "poolscope ms", "out= / reuse ms", "glibc never-give-back ms", "faults plain / poolscope"]
+    rows = []
+    for name, r in results.items():
+        alt = r.get("out") or r.get("reuse")
+        rows.append([
+            name, fmt(r["plain"]["ms"]), fmt(r["poolscope"]["ms"]), fmt(alt["ms"]) if alt else "-",
+            fmt(r["glibc"]["ms"]) if "glibc" in r else "-", f"{r['plain']['faults']:.0f} / {r['poolscope']['faults']:.0f}",
+        ])
+    print(markdown(header, rows))
+    table = targets(results) if not args.only else []
+    if table:
+        print()
+        print(markdown(["workload", "comparison", "poolscope ms", "reference ms", "ratio", "target", "met"], table))
+    path = write_json(args.out, "engine-smoke.json" if args.smoke else "engine.json",
+                      {"machine": machine(), "rounds": rounds, "repeats": repeats, "results": results, "targets": table})
+    print(f"\nresults: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
