@@ -75,6 +75,7 @@ def test_examples_run_and_report(script, args, expected):
         assert text in out
 
 
+@pytest.mark.pools
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_")))
 def test_benchmarks_run_in_quick_mode(script, tmp_path):
     """A smoke run: the scripts work and write their results; the timings are not judged here."""

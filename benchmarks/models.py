@@ -1,0 +1,238 @@
+"""Models nobody here wrote: plain PyTorch against poolscope, and against the allocators users preload.
+
+HF ``transformers`` Llama (forward at sequence 2048, ``generate()`` of 32 tokens), GPT-2 and
+BERT; ``timm`` ViT-S/16 and ConvNeXt-T at batch 8; fkodom's ``dilated-attention-pytorch``
+0.2.0; and the LongNet encoder of ``examples/longnet.py``. Every model is built from a config
+with random weights (nothing is downloaded) and runs under ``torch.no_grad()`` and
+``torch.inference_mode()``. Columns: plain, poolscope (one ``pool_scope()`` around each call),
+glibc's never-give-back tuning, jemalloc/mimalloc/tcmalloc preloads where installed. Outputs
+are hashed in each child process; "identical" compares poolscope's bytes with plain's.
+
+``dilated-attention-pytorch`` imports ``xformers`` (a CUDA library) for
+``memory_efficient_attention``; ``_xformers_shim`` below maps it onto
+``torch.nn.functional.scaled_dot_product_attention`` so that it runs on CPU.
+
+Set-up and run: ``bash scripts/bench-models [--only llama] [--rounds 1]`` (an environment of its
+own, .venv-models: timm needs torchvision, and torchvision a torch built with it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _digest(out: Any) -> str:
+    h = hashlib.sha256()
+    for t in out if isinstance(out, (list, tuple)) else [out]:
+        t = t.detach().contiguous()
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _step(mode: str, context: str, call: Callable[[], Any]) -> Callable[[], Any]:
+    ctx = getattr(torch, context)
+    scope: Any = None
+    if mode == "pooled":
+        import poolscope
+
+        scope = poolscope.pool_scope
+    last: dict[str, str] = {}
+
+    def step() -> Any:
+        with ctx():
+            if scope is None:
+                out = call()
+            else:
+                with scope():
+                    out = call()
+        last["digest"] = _digest(out)
+        return out
+
+    step.report = lambda: dict(last)  # type: ignore[attr-defined]
+    return step
+
+
+def _xformers_shim() -> None:
+    """A stand-in ``xformers.ops`` whose attention is PyTorch's SDPA (same layout: B, S, H, D)."""
+    if "xformers.ops" in sys.modules:
+        return
+    ops = types.ModuleType("xformers.ops")
+
+    class LowerTriangularMask:
+        pass
+
+    def memory_efficient_attention(query, key, value, op=None, attn_bias=None):  # type: ignore[no-untyped-def]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            is_causal=isinstance(attn_bias, LowerTriangularMask),
+        )
+        return out.transpose(1, 2)
+
+    ops.AttentionOp = Any  # type: ignore[attr-defined]
+    ops.LowerTriangularMask = LowerTriangularMask  # type: ignore[attr-defined]
+    ops.memory_efficient_attention = memory_efficient_attention  # type: ignore[attr-defined]
+    package = types.ModuleType("xformers")
+    package.ops = ops  # type: ignore[attr-defined]
+    sys.modules["xformers"], sys.modules["xformers.ops"] = package, ops
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+
+def llama(mode: str, context: str, seq: int = 2048, layers: int = 4, hidden: int = 512) -> Callable[[], Any]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=max(seq, 4096),
+                         vocab_size=32000, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 32000, (1, seq))
+    return _step(mode, context, lambda: model(ids).logits)
+
+
+def llama_generate(mode: str, context: str, prompt: int = 512, tokens: int = 32, layers: int = 4, hidden: int = 512) -> Callable[[], Any]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+                         num_attention_heads=8, num_key_value_heads=8, vocab_size=32000, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 32000, (1, prompt))
+    return _step(mode, context, lambda: model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens,
+                                                       do_sample=False, pad_token_id=0))
+
+
+def gpt2(mode: str, context: str, seq: int = 1024, layers: int = 6) -> Callable[[], Any]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=layers, n_positions=max(seq, 1024), attn_implementation="sdpa")).eval()
+    ids = torch.randint(0, 50257, (1, seq))
+    return _step(mode, context, lambda: model(ids).logits)
+
+
+def bert(mode: str, context: str, seq: int = 512, batch: int = 8, layers: int = 6) -> Callable[[], Any]:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(num_hidden_layers=layers, max_position_embeddings=max(seq, 512),
+                                 attn_implementation="sdpa")).eval()
+    ids = torch.randint(0, 30522, (batch, seq))
+    return _step(mode, context, lambda: model(ids).last_hidden_state)
+
+
+def _timm(name: str, mode: str, context: str, batch: int, size: int) -> Callable[[], Any]:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(batch, 3, size, size)
+    return _step(mode, context, lambda: model(x))
+
+
+def vit_small(mode: str, context: str, batch: int = 8) -> Callable[[], Any]:
+    return _timm("vit_small_patch16_224", mode, context, batch, 224)
+
+
+def convnext_tiny(mode: str, context: str, batch: int = 8) -> Callable[[], Any]:
+    return _timm("convnext_tiny", mode, context, batch, 224)
+
+
+def fkodom_dilated(mode: str, context: str, seq: int = 16384, dim: int = 512) -> Callable[[], Any]:
+    _xformers_shim()
+    from dilated_attention_pytorch.dilated_attention import MultiheadDilatedAttention
+
+    torch.manual_seed(0)
+    attn = MultiheadDilatedAttention(dim, 8, dilation_rates=[1, 2, 4], segment_lengths=[2048, 4096, 8192]).eval()
+    x = torch.randn(1, seq, dim)
+    return _step(mode, context, lambda: attn(x, x, x)[0])
+
+
+def longnet_example(mode: str, context: str, seq: int = 16384) -> Callable[[], Any]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("longnet_example", ROOT / "examples" / "longnet.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    model = module.LongNetEncoder().eval()
+    module.set_memory_pool(model, False)  # the comparison decides where scopes go
+    x = torch.randn(1, seq, 192)
+    return _step(mode, context, lambda: model(x))
+
+
+MODELS = {  # row name: (function, parameters, smoke parameters)
+    "HF Llama forward (seq 2048)": ("llama", {}, {"seq": 128, "layers": 1, "hidden": 64}),
+    "HF Llama generate() 32 tokens": ("llama_generate", {}, {"prompt": 16, "tokens": 2, "layers": 1, "hidden": 64}),
+    "HF GPT-2 forward (seq 1024)": ("gpt2", {}, {"seq": 64, "layers": 1}),
+    "HF BERT forward (8 x 512)": ("bert", {}, {"seq": 32, "batch": 2, "layers": 1}),
+    "timm ViT-S/16 (batch 8)": ("vit_small", {}, {"batch": 1}),
+    "timm ConvNeXt-T (batch 8)": ("convnext_tiny", {}, {"batch": 1}),
+    "fkodom dilated attention (seq 16k)": ("fkodom_dilated", {}, {"seq": 8192, "dim": 64}),
+    "examples' LongNet encoder (seq 16k)": ("longnet_example", {}, {"seq": 2048}),
+}
+
+
+def main() -> int:
+    from _harness import Case, machine, markdown, peers, side_by_side, write_json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
+    parser.add_argument("--only", help="run the models whose row contains this")
+    parser.add_argument("--contexts", default="no_grad,inference_mode")
+    parser.add_argument("--smoke", action="store_true", help="tiny configs, one round: checks that it runs")
+    args = parser.parse_args()
+    envs, missing = peers()
+    cases = [Case(name, "plain", env) for name, env in envs.items()] + [Case("poolscope", "pooled")]
+    rounds, repeats = (1, 1) if args.smoke else (args.rounds, args.repeats)
+    results: dict[str, dict[str, Any]] = {}
+    skipped: list[str] = []
+    for row, (fn, params, smoke) in MODELS.items():
+        if args.only and args.only.lower() not in row.lower():
+            continue
+        for context in args.contexts.split(","):
+            p = {**params, **(smoke if args.smoke else {}), "context": context, "repeats": repeats, "warmup": 1}
+            try:
+                results[f"{row}, {context}"] = side_by_side(Path(__file__), fn, cases, p, rounds)
+            except RuntimeError as exc:  # a model library missing here: say so, go on
+                skipped.append(f"{row}: {str(exc).strip().splitlines()[-1]}")
+                break
+    print(f"\nmachine: {machine()}; {rounds} round(s) x {repeats} calls, medians")
+    print(f"missing peers: {'; '.join(missing) or 'none'}; skipped: {'; '.join(skipped) or 'none'}\n")
+    peer_names = [c.label for c in cases if c.label not in ("plain", "poolscope")]
+    header = ["workload", "plain ms", "poolscope ms", "speedup", *[f"{p} ms" for p in peer_names],
+              "faults plain / poolscope", "peak RSS MiB plain / poolscope", "end RSS MiB plain / poolscope", "identical"]
+    rows = []
+    for name, r in results.items():
+        plain, pooled = r["plain"], r["poolscope"]
+        same = plain["extra"].get("digest") == pooled["extra"].get("digest")
+        rows.append([
+            name, f"{plain['ms']:.1f}", f"{pooled['ms']:.1f}", f"{plain['ms'] / pooled['ms']:.2f}x",
+            *[f"{r[p]['ms']:.1f}" for p in peer_names],
+            f"{plain['faults']:.0f} / {pooled['faults']:.0f}",
+            f"{plain['peak_rss_mib']:.0f} / {pooled['peak_rss_mib']:.0f}",
+            f"{plain['end_rss_mib']:.0f} / {pooled['end_rss_mib']:.0f}", "yes" if same else "NO",
+        ])
+    print(markdown(header, rows))
+    out = write_json(args.out, "models-smoke.json" if args.smoke else "models.json",
+                     {"machine": machine(), "rounds": rounds, "missing": missing, "skipped": skipped, "results": results})
+    print(f"\nresults: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
