@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
+
 #include "engine.h"
 #include "torch_compat.h"
 
@@ -287,6 +289,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             out.run();
           },
           py::arg("everything"), py::call_guard<py::gil_scoped_release>())
+      .def(
+          "fill_free",
+          [](Pool& pool, int value) {
+            // Test hook: garbage in every idle block, so that a kernel that reads memory
+            // it did not write, or leaves its output unwritten, shows up.
+            std::lock_guard<std::mutex> lock(g_mu);
+            for (Block* block : pool.free_blocks) {
+              std::memset(block->addr, value, block->size);
+            }
+          },
+          py::arg("value"))
       .def("segments", &pool_segments)
       .def("trace", &pool_trace);
 
