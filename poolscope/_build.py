@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from ._config import ENV
+from ._torch_compat import cxx11_abi
 
 __all__ = ["BuildError", "build_dir", "load"]
 
@@ -53,7 +54,7 @@ def _tag() -> str:
         digest.update(name.encode())
         digest.update((_csrc() / name).read_bytes())
     digest.update(" ".join(_CFLAGS).encode())
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    abi = int(cxx11_abi())
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     return f"torch{torch.__version__}-abi{abi}-{py}-{digest.hexdigest()[:12]}"
 

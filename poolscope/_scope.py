@@ -17,7 +17,7 @@ import gc
 import logging
 import threading
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -61,7 +61,7 @@ class Settings:
     strict: bool
     name: Optional[str]
     profiling: bool
-    ticks: bool = True
+    ticks: bool = True  # False for poolscope's own scopes: their exits do not size the working set
 
 
 def make_settings(
@@ -382,8 +382,3 @@ def pool_scope(
     """
     settings = make_settings(device, threshold, capture, pool, max_bytes, on_limit, strict, name, enable_profiling)
     return PoolScope(settings)
-
-
-def internal_scope(settings: Settings) -> PoolScope:
-    """A scope for poolscope's own use whose exit does not count toward the cache's working set."""
-    return PoolScope(replace(settings, ticks=False))

@@ -20,7 +20,7 @@ import torch
 from ._config import DeviceLike, check_bool, parse_choice, parse_device
 from ._errors import PoolscopeTypeError, PoolscopeValueError
 from ._pool import get_pool
-from ._scope import Settings, internal_scope
+from ._scope import PoolScope, Settings
 from ._stats import PoolStats
 
 __all__ = ["GlobalMemoryPool", "get_global_memory_pool"]
@@ -80,8 +80,8 @@ class GlobalMemoryPool:
             tensor = torch.empty(size, dtype=dtype, device=dev)
         else:
             settings = Settings(dev, threshold=1, pool=get_pool(dev), max_bytes=None, on_limit="raise",
-                                strict=False, name=None, profiling=self.enable_profiling)
-            with internal_scope(settings):
+                                strict=False, name=None, profiling=self.enable_profiling, ticks=False)
+            with PoolScope(settings):
                 tensor = torch.empty(size, dtype=dtype, device=dev)
         if zero_init:
             tensor.zero_()

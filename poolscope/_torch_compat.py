@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["MIN_TORCH", "profiler_enabled", "torch_version"]
+__all__ = ["MIN_TORCH", "cxx11_abi", "profiler_enabled", "torch_version"]
 
 # The oldest torch poolscope accepts; the suite itself has run on torch 2.13 only.
 MIN_TORCH = (2, 4)
@@ -27,3 +27,8 @@ if torch_version() < MIN_TORCH:  # pragma: no cover - depends on the install
 
 # Whether a torch.profiler session is recording (scopes then add a record_function range).
 profiler_enabled = torch._C._autograd._profiler_enabled
+
+
+def cxx11_abi() -> bool:
+    """Whether this torch was built with libstdc++'s C++11 ABI (an extension must match it)."""
+    return bool(torch._C._GLIBCXX_USE_CXX11_ABI)

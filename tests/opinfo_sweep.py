@@ -55,6 +55,7 @@ class Tally:
     garbage_dependent: dict[str, str] = field(default_factory=dict)  # op -> an example
     mismatches: list[str] = field(default_factory=list)
     skipped_ops: dict[str, str] = field(default_factory=dict)
+    harness_skipped: dict[str, str] = field(default_factory=dict)  # op -> why a sample could not be compared
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -65,6 +66,7 @@ class Tally:
             "nondeterministic_on_their_own": self.nondeterministic,
             "output_depends_on_uninitialised_memory": self.garbage_dependent,
             "ops_not_run": self.skipped_ops,
+            "samples_the_harness_could_not_compare": self.harness_skipped,
         }
 
 
@@ -81,25 +83,30 @@ def _tensors(tree: Any) -> Iterator[torch.Tensor]:
 
 def _bytes(t: torch.Tensor) -> bytes:
     t = t.detach()
-    if t.layout != torch.strided or t.is_meta or t.numel() == 0:
+    if t.layout != torch.strided or t.device.type != "cpu" or t.numel() == 0:
         return b""
     if t.is_conj():
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
-    return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    dense = torch.empty(t.shape, dtype=t.dtype).copy_(t)  # always a fresh, packed layout
+    return dense.view(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _describe(t: torch.Tensor, inputs: list[torch.Tensor], values: bool) -> dict[str, Any]:
     d: dict[str, Any] = {"dtype": t.dtype, "shape": tuple(t.shape), "layout": t.layout, "requires_grad": t.requires_grad}
-    if t.layout == torch.strided and not t.is_meta:
+    if t.layout == torch.strided and t.device.type == "cpu":
         storage = t.untyped_storage()
         d.update(
             stride=t.stride(),
             offset=t.storage_offset(),
             storage_bytes=storage.nbytes(),
             is_inference=t.is_inference(),
-            aliases=tuple(i for i, x in enumerate(inputs) if x.layout == torch.strided and x.untyped_storage().data_ptr() == storage.data_ptr() and storage.nbytes()),
+            aliases=tuple(
+                i for i, x in enumerate(inputs)
+                if x.layout == torch.strided and x.device.type == "cpu" and storage.nbytes()
+                and x.untyped_storage().data_ptr() == storage.data_ptr()
+            ),
         )
         if values:
             d["bytes"] = _bytes(t)
@@ -109,7 +116,7 @@ def _describe(t: torch.Tensor, inputs: list[torch.Tensor], values: bool) -> dict
 def _clone(tree: Any) -> Any:
     """Inputs as they were, in the same layouts, with fresh autograd leaves."""
     if isinstance(tree, torch.Tensor):
-        if tree.layout != torch.strided:
+        if tree.layout != torch.strided or tree.device.type != "cpu":
             return tree.detach().clone().requires_grad_(tree.requires_grad)
         # A copy of the whole storage, viewed the same way: expanded (overlapping) inputs stay so.
         src = tree.detach()
@@ -218,15 +225,29 @@ def _diff(a: Outcome, b: Outcome) -> Optional[str]:
 
 
 def sweep(ops: Iterable[Any], pool: poolscope.TensorPool, tally: Tally, contexts: tuple[str, ...] = CONTEXTS,
-          max_samples: Optional[int] = None) -> Tally:
+          max_samples: Optional[int] = None, scope: Optional[Callable[[], Any]] = None,
+          known_nondeterministic: frozenset[str] = frozenset()) -> Tally:
+    """Compare plain runs with runs inside ``scope()`` (default: a scope on ``pool`` routing everything).
+
+    Ops in ``known_nondeterministic`` give different bits from one plain call to the next (shown
+    by a test of their own); their differences are counted as such, not as mismatches.
+    """
+    scoped = scope or (lambda: poolscope.pool_scope(pool=pool, threshold=1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the ops' own deprecation warnings, thousands of them
-        return _sweep(ops, pool, tally, contexts, max_samples)
+        return _sweep(ops, Run(pool._backend.fill_free, scoped, tally, known_nondeterministic), contexts, max_samples)
 
 
-def _sweep(ops: Iterable[Any], pool: poolscope.TensorPool, tally: Tally, contexts: tuple[str, ...],
-           max_samples: Optional[int]) -> Tally:
-    fill: Callable[[int], None] = pool._backend.fill_free
+@dataclass
+class Run:
+    fill: Callable[[int], None]
+    scope: Callable[[], Any]
+    tally: Tally
+    known_nondeterministic: frozenset[str]
+
+
+def _sweep(ops: Iterable[Any], run: Run, contexts: tuple[str, ...], max_samples: Optional[int]) -> Tally:
+    tally = run.tally
     for op in ops:
         name = op.name + (f".{op.variant_test_name}" if op.variant_test_name else "")
         dtypes = _dtypes(op)
@@ -248,25 +269,32 @@ def _sweep(ops: Iterable[Any], pool: poolscope.TensorPool, tally: Tally, context
                 if max_samples is not None:
                     samples = samples[:max_samples]
                 for sample in samples + [v for s in samples for v in _retyped(s)]:
-                    _compare_one(op, name, sample, context, dtype, values, pool, fill, tally)
+                    _compare_one(op, name, sample, context, dtype, values, run)
         if op.error_inputs_func is not None:
             for error in op.error_inputs("cpu"):
-                _compare_one(op, name, error.sample_input, "no_grad", None, values, pool, fill, tally)
+                _compare_one(op, name, error.sample_input, "no_grad", None, values, run)
     return tally
 
 
-def _compare_one(op: Any, name: str, sample: Any, context: str, dtype: Any, values: bool,
-                 pool: poolscope.TensorPool, fill: Callable[[int], None], tally: Tally) -> None:
-    tally.samples += 1
+def _compare_one(op: Any, name: str, sample: Any, context: str, dtype: Any, values: bool, run: Run) -> None:
+    run.tally.samples += 1
+    try:
+        _compare(op, name, sample, context, dtype, values, run)
+    except Exception as exc:  # noqa: BLE001 - the harness could not copy or describe this sample
+        run.tally.harness_skipped[name] = f"{type(exc).__name__}: {exc}"[:200]
+
+
+def _compare(op: Any, name: str, sample: Any, context: str, dtype: Any, values: bool, run: Run) -> None:
+    tally = run.tally
     where = f"{name} [{dtype}, {context}] {sample.summary() if hasattr(sample, 'summary') else ''}"[:300]
     plain = _call(op, sample, context, values)
-    if _diff(plain, _call(op, sample, context, values)) is not None:
+    if name in run.known_nondeterministic or _diff(plain, _call(op, sample, context, values)) is not None:
         tally.nondeterministic[name] = tally.nondeterministic.get(name, 0) + 1
         return
     pooled = []
     for garbage in GARBAGE:
-        fill(garbage)
-        with poolscope.pool_scope(pool=pool, threshold=1):
+        run.fill(garbage)
+        with run.scope():
             pooled.append(_call(op, sample, context, values))
     if _diff(pooled[0], pooled[1]) is not None:
         # The kernel reads memory it did not write (or leaves output unwritten): the result is
@@ -277,3 +305,47 @@ def _compare_one(op: Any, name: str, sample: Any, context: str, dtype: Any, valu
     problem = _diff(plain, pooled[0])
     if problem is not None:
         tally.mismatches.append(f"{where}: {problem}")
+
+
+def _passthrough_dispatch_mode() -> Any:
+    """A TorchDispatchMode that only forwards every op: what any operator-level engine puts on the stack."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Forward(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            return func(*args, **(kwargs or {}))
+
+    return Forward()
+
+
+def main() -> int:
+    """``python tests/opinfo_sweep.py [--quick] [--dispatch-mode] [--out report.json]``."""
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--quick", action="store_true", help="the CI subset instead of every op")
+    parser.add_argument("--dispatch-mode", action="store_true",
+                        help="compare plain runs with runs under a do-nothing TorchDispatchMode instead of a scope")
+    parser.add_argument("--out", help="write the summary here as JSON")
+    args = parser.parse_args()
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    import test_opinfo
+
+    ops = test_opinfo.quick_ops() if args.quick else test_opinfo.op_db
+    pool = poolscope.TensorPool("cpu", release_after=0)
+    tally = sweep(ops, pool, Tally(), max_samples=6 if args.quick else None,
+                  scope=_passthrough_dispatch_mode if args.dispatch_mode else None,
+                  known_nondeterministic=test_opinfo.KNOWN_NONDETERMINISTIC)
+    summary = tally.summary()
+    text = json.dumps(summary, indent=2, default=str)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text[:4000])
+    return 0 if not tally.mismatches else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -44,31 +44,62 @@ def _pool() -> poolscope.TensorPool:
     return poolscope.TensorPool("cpu", release_after=0)
 
 
+# Ops that give different bits from one plain call to the next: each with a test below that
+# shows it (and fails, so that it leaves this set, the day PyTorch fixes it).
+KNOWN_NONDETERMINISTIC = frozenset({"linalg.lstsq", "linalg.lstsq.grad_oriented"})
+
+
 def test_quick_sweep_is_bit_identical():
     ops = quick_ops()
-    tally = sweep(ops, _pool(), Tally(), max_samples=6)
+    tally = sweep(ops, _pool(), Tally(), max_samples=6, known_nondeterministic=KNOWN_NONDETERMINISTIC)
     summary = tally.summary()
     assert summary["ops"] >= 90 and summary["comparisons"] >= 1000, summary
+    assert not tally.harness_skipped, tally.harness_skipped
     assert not tally.mismatches, "\n".join(tally.mismatches[:30])
     # Only ops whose contract is uninitialised memory may depend on what was in it.
-    assert set(tally.garbage_dependent) <= UNINITIALISED | KNOWN_UNINITIALISED_READS, tally.garbage_dependent
+    assert set(tally.garbage_dependent) <= UNINITIALISED | KNOWN_NONDETERMINISTIC, tally.garbage_dependent
 
 
-# Ops whose plain PyTorch output depends on what was in memory before (found by this sweep,
-# each with a reproduction in docs/transparency.md). Empty while none is known.
-KNOWN_UNINITIALISED_READS: set[str] = set()
+def test_lstsq_with_gelsy_reads_uninitialised_memory_in_plain_pytorch():
+    # Why linalg.lstsq is in KNOWN_NONDETERMINISTIC: its gelsy driver (the CPU default) reads
+    # memory it never wrote. The same call on the same inputs gives other bits when the memory
+    # it gets held other garbage, and always the same once PyTorch fills uninitialised memory.
+    import torch.utils.deterministic as det
+
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 3, 2, 3), torch.randn(3, 3, 2, 3)
+    pool = _pool()
+    results = []
+    for garbage in (0x00, 0xA5, 0x5A, 0xFF):
+        pool._backend.fill_free(garbage)
+        with poolscope.pool_scope(pool=pool, threshold=1):
+            results.append(torch.linalg.lstsq(a, b, driver="gelsy").solution)
+    assert any(not torch.equal(results[0], r) for r in results[1:])
+    before = torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    det.fill_uninitialized_memory = True
+    try:
+        filled = []
+        for garbage in (0x00, 0xA5):
+            pool._backend.fill_free(garbage)
+            with poolscope.pool_scope(pool=pool, threshold=1):
+                filled.append(torch.linalg.lstsq(a, b, driver="gelsy").solution)
+        assert torch.equal(filled[0], filled[1])
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        det.fill_uninitialized_memory = before[1]
 
 
 @pytest.mark.opinfo_full
 def test_full_sweep_is_bit_identical():
-    tally = sweep(op_db, _pool(), Tally())
+    tally = sweep(op_db, _pool(), Tally(), known_nondeterministic=KNOWN_NONDETERMINISTIC)
     summary = tally.summary()
     path = os.environ.get("POOLSCOPE_OPINFO_REPORT")
     if path:
         with open(path, "w") as f:
             json.dump(summary, f, indent=2, default=str)
     assert not tally.mismatches, "\n".join(tally.mismatches[:50])
-    assert set(tally.garbage_dependent) <= UNINITIALISED | KNOWN_UNINITIALISED_READS, tally.garbage_dependent
+    assert set(tally.garbage_dependent) <= UNINITIALISED | KNOWN_NONDETERMINISTIC, tally.garbage_dependent
 
 
 def test_the_sweep_catches_a_difference():

@@ -11,6 +11,7 @@ from poolscope import _torch_compat as compat
 
 def test_private_python_apis_exist():
     assert compat.torch_version() >= compat.MIN_TORCH
+    assert isinstance(compat.cxx11_abi(), bool)
     assert compat.profiler_enabled() is False
     with torch.profiler.profile():
         assert compat.profiler_enabled() is True

@@ -23,8 +23,10 @@ std::mutex g_mu;
 
 namespace {
 
-std::unordered_map<void*, Block*> g_live;  // lent blocks by address, under g_mu
-std::vector<std::weak_ptr<Pool>> g_pools;   // under g_mu
+// Never destroyed: tensors that outlive the interpreter die during static destruction, and
+// their deleters must still find these (and the allocator) intact.
+auto& g_live = *new std::unordered_map<void*, Block*>();  // lent blocks by address, under g_mu
+auto& g_pools = *new std::vector<std::weak_ptr<Pool>>();  // under g_mu
 c10::Allocator* g_replaced = nullptr;
 c10::DeleterFnPtr g_replaced_raw = nullptr;
 std::atomic<bool> g_fail_growth{false};
@@ -72,7 +74,7 @@ struct PoolscopeAllocator final : c10::Allocator {
   }
 };
 
-PoolscopeAllocator g_allocator;
+PoolscopeAllocator& g_allocator = *new PoolscopeAllocator();
 
 void release_ptr(void* ptr) {
   if (ptr == nullptr) {
