@@ -91,13 +91,15 @@ def attention(mode: str, length: int = 2048, context: str = "inference_mode") ->
     scale = 64**-0.5
     ctx = getattr(torch, context)
     if mode == "out":
-        scores, probs, out = torch.empty(1, 8, length, length), torch.empty(1, 8, length, length), torch.empty_like(q)
+        # The same computation as body(), each result written into a buffer made once.
+        scores, scaled, probs = (torch.empty(1, 8, length, length) for _ in range(3))
+        out = torch.empty_like(q)
 
         def preallocated() -> torch.Tensor:
             with ctx():
                 torch.matmul(q, k.transpose(-1, -2), out=scores)
-                scores.mul_(scale)
-                torch.ops.aten._softmax.out(scores, -1, False, out=probs)
+                torch.mul(scores, scale, out=scaled)
+                torch.ops.aten._softmax.out(scaled, -1, False, out=probs)
                 return torch.matmul(probs, v, out=out)
 
         return preallocated
@@ -276,7 +278,10 @@ def main() -> int:
     if table:
         print()
         print(markdown(["workload", "comparison", "poolscope ms", "reference ms", "ratio", "target", "met"], table))
-    path = write_json(args.out, "engine-smoke.json" if args.smoke else "engine.json",
+    name = "engine-smoke.json" if args.smoke else "engine.json"
+    if args.only:
+        name = name.replace(".json", "-" + "".join(c if c.isalnum() else "-" for c in args.only) + ".json")
+    path = write_json(args.out, name,
                       {"machine": machine(), "rounds": rounds, "repeats": repeats, "results": results, "targets": table})
     print(f"\nresults: {path}")
     return 0

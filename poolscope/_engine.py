@@ -8,6 +8,7 @@ only. Engines:
 
 - ``native`` (CPU): a C++ ``c10::Allocator`` installed in place of PyTorch's
   CPU allocator on first use; see ``_native.py`` and ``csrc/``.
+- ``mempool`` (CUDA): PyTorch's ``torch.cuda.MemPool`` with its C++ thread routing; see ``_cuda.py``.
 - ``passthrough``: scopes that route nothing, for devices without a route, for
   machines where the native engine cannot be built, and POOLSCOPE_ENGINE=passthrough.
 """
@@ -91,8 +92,20 @@ class Engine(Protocol):
     ) -> ScopeBackend: ...
 
 
+def python_enter_then(prepare: Callable[[], ScopeBackend], result: Any) -> Any:
+    """``Engine.enter_then`` for engines whose push is Python anyway (nothing of theirs can be left open)."""
+    prepare().enter()
+    return result
+
+
+def python_exit_then(scope: Any, after: Callable[..., Any], *exc: Any) -> Any:
+    backend = scope._backend
+    return after(backend.exit() if backend is not None else "not_active", *exc)
+
+
 _lock = threading.Lock()
 _cpu_engine: Optional[Engine] = None
+_cuda_engine: Optional[Engine] = None
 
 
 def _pick_cpu_engine() -> Engine:
@@ -116,9 +129,26 @@ def _pick_cpu_engine() -> Engine:
         return _passthrough.ENGINE
 
 
+def _pick_cuda_engine() -> Engine:
+    from . import _passthrough
+    from ._torch_compat import CudaAllocatorAPI
+
+    if ENV.disabled or ENV.engine == "passthrough" or not CudaAllocatorAPI.available():
+        return _passthrough.ENGINE
+    from ._cuda import CudaEngine
+
+    return CudaEngine(CudaAllocatorAPI())
+
+
 def engine_for(device: torch.device) -> Engine:
     """The engine that serves ``device`` (chosen, and built if needed, on first use)."""
-    global _cpu_engine
+    global _cpu_engine, _cuda_engine
+    if device.type == "cuda":
+        if _cuda_engine is None:
+            with _lock:
+                if _cuda_engine is None:
+                    _cuda_engine = _pick_cuda_engine()
+        return _cuda_engine
     if device.type != "cpu":
         from . import _passthrough
 
@@ -131,7 +161,7 @@ def engine_for(device: torch.device) -> Engine:
 
 
 def engine(device: DeviceLike = "cpu") -> str:
-    """Name the engine that serves ``device``: ``"native"`` or ``"passthrough"``.
+    """Name the engine that serves ``device``: ``"native"`` (CPU), ``"mempool"`` (CUDA) or ``"passthrough"``.
 
     Example::
 

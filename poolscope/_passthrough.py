@@ -11,6 +11,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ._engine import python_enter_then, python_exit_then
+
 __all__ = ["ENGINE"]
 
 _POOL_FIGURES = (
@@ -79,11 +81,11 @@ class PassthroughEngine:
 
     @property
     def enter_then(self) -> Callable[..., Any]:
-        return _enter_then
+        return python_enter_then
 
     @property
     def exit_then(self) -> Callable[..., Any]:
-        return _exit_then
+        return python_exit_then
 
     def new_pool(self, device: torch.device, max_cached: int, max_bytes: int, release_after: int) -> _Pool:
         return _Pool(max_cached, max_bytes, release_after)
@@ -92,16 +94,6 @@ class PassthroughEngine:
         self, pool: Any, threshold: int, max_bytes: int, fallback: bool, profiling: bool, name: str, ticks: bool
     ) -> _Scope:
         return _Scope()
-
-
-def _enter_then(prepare: Any, result: Any) -> Any:
-    prepare().enter()
-    return result
-
-
-def _exit_then(scope: Any, after: Any, *exc: Any) -> Any:
-    backend = scope._backend
-    return after(backend.exit() if backend is not None else "not_active", *exc)
 
 
 ENGINE = PassthroughEngine()

@@ -87,6 +87,11 @@ def make_settings(
         raise PoolscopeTypeError(
             f"pool must be a poolscope.TensorPool or None; got {pool!r} of type {type(pool).__name__}"
         )
+    if max_bytes is not None and ((dev is not None and dev.type == "cuda") or (pool is not None and pool.device.type == "cuda")):
+        raise PoolscopeValueError(
+            f"max_bytes={max_bytes!r} cannot be enforced on CUDA: torch.cuda.MemPool has no per-pool limit; "
+            "drop max_bytes for CUDA scopes (torch.cuda.set_per_process_memory_fraction bounds the whole device)"
+        )
     if pool is not None and dev is not None and pool.device != dev:
         raise PoolscopeValueError(
             f"pool is on {pool.device} but device={str(dev)!r}; pass one of them or make them agree"

@@ -49,8 +49,9 @@ def test_memory_no_exit_reused_for_release_after_exits_goes_back():
     step(pool, [8, 8])
     s = pool.stats()
     assert s.working_set_bytes == 16 * MiB
-    assert s.bytes_released >= 256 * MiB - 20 * MiB and s.bytes_cached <= 20 * MiB
-    hits = s.hits
+    assert s.bytes_released >= 256 * MiB and s.bytes_cached == 0 and s.segments == 0
+    step(pool, [8, 8])  # the loop's 16 MiB were carved from the spike's block: they come back once
+    hits = pool.stats().hits
     for _ in range(20):
         step(pool, [8, 8])
     assert pool.stats().hits - hits == 40  # the small working set stays cached
@@ -71,6 +72,18 @@ def test_release_after_zero_gives_everything_back_at_each_outermost_exit():
     assert pool.stats().bytes_cached == 0 and pool.stats().segments == 0
 
 
+def test_memory_a_loop_reuses_is_never_given_back_however_it_is_carved():
+    pool = poolscope.TensorPool("cpu", release_after=5)
+    sizes = [48, 16, 32, 8, 64, 24]  # allocated and freed in an order that splits and merges blocks
+    for _ in range(3):
+        step(pool, sizes)
+    before = pool.stats()
+    for _ in range(50):
+        step(pool, sizes)
+    after = pool.stats()
+    assert after.bytes_released == before.bytes_released and after.misses == before.misses
+
+
 def test_varying_sizes_share_memory_instead_of_multiplying_the_cache():
     pool = poolscope.TensorPool("cpu")
     rng = random.Random(0)
@@ -80,8 +93,9 @@ def test_varying_sizes_share_memory_instead_of_multiplying_the_cache():
         most_alive = max(most_alive, sum(sizes))
         step(pool, sizes)
     s = pool.stats()
-    # Size classes alone would keep a block per class and size: several times the peak.
-    assert s.bytes_cached <= 1.5 * most_alive * MiB, (s.bytes_cached // MiB, most_alive)
+    # A block per size class (4 per power of two, 1-48 MiB: 23 classes) would keep about 300 MiB
+    # for one tensor per class; splitting and merging keep the cache near the peak instead.
+    assert s.bytes_cached <= 2.5 * most_alive * MiB, (s.bytes_cached // MiB, most_alive)
     assert s.hits / (s.hits + s.misses) >= 0.9
 
 

@@ -284,7 +284,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             Releases out;
             {
               std::lock_guard<std::mutex> lock(g_mu);
-              pool.shrink_to(everything ? 0 : pool.cache_budget(), out);
+              if (everything) {
+                pool.shrink_to(0, out);
+              } else {
+                pool.release_idle(out);
+              }
             }
             out.run();
           },

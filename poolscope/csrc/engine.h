@@ -116,8 +116,8 @@ struct Pool : std::enable_shared_from_this<Pool> {
   size_t peak_in_use = 0;
   int64_t hits = 0, misses = 0, evictions = 0, bytes_released = 0, fallbacks = 0;
   int64_t blocks_in_use = 0;
-  // Working set: the peak bytes in use between consecutive outermost-scope exits,
-  // over the last release_after of them.
+  // Epochs count outermost-scope exits; the working set (a figure) is the peak bytes in
+  // use between consecutive exits, over the last release_after of them.
   uint64_t epoch = 0;
   size_t window_peak = 0;
   std::deque<std::pair<uint64_t, size_t>> recent_peaks;  // (epoch, peak), decreasing peaks
@@ -132,11 +132,13 @@ struct Pool : std::enable_shared_from_this<Pool> {
   void give_back(Block* block, Releases& out);
   void insert_free(Block* block);
   void settle(Block* block);  // a decommitted block rejoins the free set
-  // Give back idle free memory until at most `budget` bytes stay resident.
+  // Give back free memory, oldest first, until at most `budget` bytes may stay resident.
   void shrink_to(size_t budget, Releases& out);
-  void tick(Releases& out);  // an outermost scope that used this pool exited
+  void release_block(Block* block, Releases& out);
+  // Give back free memory that no lend of the last `release_after` outermost exits reused.
+  void release_idle(Releases& out);
+  void tick(Releases& out);  // an outermost scope exited
   size_t working_set() const;
-  size_t cache_budget() const;
   void record(const char* action, const Block* block, const Context& context);
   void record_segment(const char* action, const Segment* segment);
   PoolStatsData stats() const;

@@ -22,6 +22,19 @@ size_t round_up(size_t n, size_t to) {
   return (n + to - 1) / to * to;
 }
 
+// A merged block is as idle as its most idle resident part: memory a loop keeps reusing must
+// not lend its recency to a neighbour nobody touches (a one-off spike's segment). Parts whose
+// pages were already dropped cost nothing and do not count.
+uint64_t merged_epoch(const Block* a, const Block* b) {
+  if (a->committed == 0) {
+    return b->freed_epoch;
+  }
+  if (b->committed == 0) {
+    return a->freed_epoch;
+  }
+  return std::min(a->freed_epoch, b->freed_epoch);
+}
+
 // Drop the resident pages of [addr, addr + size) that lie wholly inside it.
 void decommit(char* addr, size_t size) {
   auto start = reinterpret_cast<uintptr_t>(addr);
@@ -153,9 +166,9 @@ void Pool::insert_free(Block* block) {
   if (prev != nullptr && prev->state == BlockState::free) {
     free_blocks.erase(prev);
     committed_free -= prev->committed;
+    prev->freed_epoch = merged_epoch(prev, block);
     prev->size += block->size;
     prev->committed += block->committed;
-    prev->freed_epoch = std::max(prev->freed_epoch, block->freed_epoch);
     prev->next = block->next;
     if (block->next != nullptr) {
       block->next->prev = prev;
@@ -167,9 +180,9 @@ void Pool::insert_free(Block* block) {
   if (next != nullptr && next->state == BlockState::free) {
     free_blocks.erase(next);
     committed_free -= next->committed;
+    block->freed_epoch = merged_epoch(block, next);
     block->size += next->size;
     block->committed += next->committed;
-    block->freed_epoch = std::max(block->freed_epoch, next->freed_epoch);
     block->next = next->next;
     if (next->next != nullptr) {
       next->next->prev = block;
@@ -189,67 +202,46 @@ void Pool::settle(Block* block) {
 void Pool::shrink_to(size_t budget, Releases& out) {
   // With no budget left, wholly free segments go too, resident or not.
   auto whole = [](const Block* b) { return b->prev == nullptr && b->next == nullptr; };
-  auto wanted = [&](const Block* b) { return committed_free > budget ? b->committed > 0 || whole(b) : budget == 0 && whole(b); };
-  std::vector<Block*> idle;
+  auto wanted = [&](const Block* b) {
+    return committed_free > budget ? b->committed > 0 || whole(b) : budget == 0 && whole(b);
+  };
+  std::vector<Block*> candidates;
   for (Block* block : free_blocks) {
     if (wanted(block)) {
-      idle.push_back(block);
+      candidates.push_back(block);
     }
   }
-  // Oldest first, larger first among equals: memory the working set stopped using.
-  std::sort(idle.begin(), idle.end(), [](const Block* a, const Block* b) {
+  // Oldest first, larger first among equals.
+  std::sort(candidates.begin(), candidates.end(), [](const Block* a, const Block* b) {
     return a->freed_epoch != b->freed_epoch ? a->freed_epoch < b->freed_epoch : a->size > b->size;
   });
-  for (Block* block : idle) {
-    if (!wanted(block)) {
-      continue;
+  for (Block* block : candidates) {
+    if (wanted(block)) {
+      release_block(block, out);
     }
-    free_blocks.erase(block);
-    committed_free -= block->committed;
-    evictions += 1;
-    const size_t keep = committed_free < budget ? round_down(budget - committed_free, kPage) : 0;
-    if (keep >= kMinSplit && block->size - keep >= kMinSplit) {
-      // Only part of it is over budget: keep the front (where recent requests were
-      // carved), drop the pages of the rest.
-      auto* tail = new Block;
-      tail->pool = this;
-      tail->segment = block->segment;
-      tail->addr = block->addr + keep;
-      tail->size = block->size - keep;
-      tail->prev = block;
-      tail->next = block->next;
-      if (block->next != nullptr) {
-        block->next->prev = tail;
-      }
-      block->next = tail;
-      tail->state = BlockState::decommitting;
-      tail->freed_epoch = block->freed_epoch;
-      size_t kept = std::min(block->committed, keep);
-      bytes_released += static_cast<int64_t>(block->committed - kept);
-      block->size = keep;
-      block->committed = kept;
-      free_blocks.insert(block);
-      committed_free += kept;
-      out.decommit_blocks.push_back(tail);
-      continue;
-    }
-    bytes_released += static_cast<int64_t>(block->committed);
-    if (whole(block)) {
-      // The whole segment is free: give it back to the replaced allocator.
-      Segment* segment = block->segment;
-      record_segment("segment_free", segment);
-      reserved_virtual -= segment->size;
-      auto it = std::find_if(segments.begin(), segments.end(), [&](auto& s) { return s.get() == segment; });
-      out.segments.push_back(std::move(*it));
-      segments.erase(it);
-      delete block;
-    } else {
-      // Part of a segment that still holds live blocks: drop its pages. It is
-      // out of the free set until that is done, so nobody is lent it meanwhile.
-      block->state = BlockState::decommitting;
-      block->committed = 0;
-      out.decommit_blocks.push_back(block);
-    }
+  }
+}
+
+void Pool::release_block(Block* block, Releases& out) {
+  // `block` is free: give its memory back, the whole segment when it is all free, else its pages.
+  free_blocks.erase(block);
+  committed_free -= block->committed;
+  bytes_released += static_cast<int64_t>(block->committed);
+  evictions += 1;
+  if (block->prev == nullptr && block->next == nullptr) {
+    Segment* segment = block->segment;
+    record_segment("segment_free", segment);
+    reserved_virtual -= segment->size;
+    auto it = std::find_if(segments.begin(), segments.end(), [&](auto& s) { return s.get() == segment; });
+    out.segments.push_back(std::move(*it));
+    segments.erase(it);
+    delete block;
+  } else {
+    // Part of a segment that still holds live blocks: drop its pages. It stays out of the
+    // free set until that is done, so nobody is lent it meanwhile.
+    block->state = BlockState::decommitting;
+    block->committed = 0;
+    out.decommit_blocks.push_back(block);
   }
 }
 
@@ -257,19 +249,23 @@ size_t Pool::working_set() const {
   return recent_peaks.empty() ? window_peak : std::max(window_peak, recent_peaks.front().second);
 }
 
-size_t Pool::cache_budget() const {
-  // New segments are sized up to 1.25x their first request, so the memory that
-  // serves a working set can be that much larger than the bytes it uses.
-  size_t wanted = working_set() + working_set() / 4;
-  size_t budget = wanted > in_use ? wanted - in_use : 0;
-  if (max_cached != kNone) {
-    budget = std::min(budget, static_cast<size_t>(max_cached));
+void Pool::release_idle(Releases& out) {
+  // Free memory that no lend of the last `release_after` outermost-scope exits reused.
+  std::vector<Block*> idle;
+  for (Block* block : free_blocks) {
+    bool whole = block->prev == nullptr && block->next == nullptr;
+    bool stale = release_after <= 0 || block->freed_epoch + static_cast<uint64_t>(release_after) < epoch;
+    if (stale && (block->committed > 0 || whole)) {
+      idle.push_back(block);
+    }
   }
-  return budget;
+  for (Block* block : idle) {
+    release_block(block, out);
+  }
 }
 
 void Pool::tick(Releases& out) {
-  // Sliding-window maximum of the per-exit peaks: the front holds the largest.
+  // The working set is a figure for stats(): the peak in use between exits, over the window.
   size_t peak = window_peak;
   while (!recent_peaks.empty() && recent_peaks.back().second <= peak) {
     recent_peaks.pop_back();
@@ -281,7 +277,7 @@ void Pool::tick(Releases& out) {
     recent_peaks.pop_front();
   }
   window_peak = in_use;
-  shrink_to(cache_budget(), out);
+  release_idle(out);
 }
 
 void Pool::record(const char* action, const Block* block, const Context& context) {

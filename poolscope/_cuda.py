@@ -1,0 +1,235 @@
+"""The CUDA engine: a scope sends its thread's CUDA allocations to a private ``torch.cuda.MemPool``.
+
+PyTorch's caching allocator already caches CUDA memory, so a scope's value there is keeping a
+forward's transient tensors out of the blocks that hold long-lived state, per-scope figures,
+``strict``, and handing the pool's memory back. Routing is PyTorch's own, in C++
+(``beginAllocateCurrentThreadToPool``): no Python runs per op, blocks stay per stream as the
+caching allocator keeps them (a block is never reused on another stream before the work that
+used it is done), and results are PyTorch's.
+
+What this engine adds to ``torch.cuda.use_mem_pool``: nesting (PyTorch routes a thread to the
+first pool that was begun, so an inner pool would receive nothing; here only the innermost
+scope's pool is begun, and the outer one again when it exits), figures per scope, escapes and
+``strict``, and release of a pool nobody uses any more. All calls into PyTorch go through
+``CudaAllocatorAPI`` (``_torch_compat``), which the CPU tests replace with a fake.
+
+Limits: the caching allocator routes every allocation of the thread, so ``threshold`` does
+not apply on CUDA; it has no per-pool limit, so ``max_bytes`` is refused for CUDA scopes;
+hits, misses and peaks are not visible per pool; autograd's backward runs in PyTorch's device
+threads, which a scope does not route (as with ``use_mem_pool``).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Optional
+
+import torch
+
+from ._engine import python_enter_then, python_exit_then
+
+__all__ = ["CudaEngine"]
+
+ACTIVE = "active_allocated"
+
+
+class _Stacks(threading.local):
+    """Open CUDA scopes of this thread, per device index, innermost last."""
+
+    def __init__(self) -> None:
+        self.by_device: dict[int, list[CudaScope]] = {}
+
+
+class CudaPool:
+    """One device's private pool: a MemPool, made on first use."""
+
+    def __init__(self, engine: CudaEngine, device: torch.device, max_cached: int, max_bytes: int, release_after: int) -> None:
+        self._engine = engine
+        self.device_index = device.index or 0
+        self._mempool: Any = None
+        self.idle_exits = 0
+        self.open_scopes = 0  # in every thread; under the engine's lock
+        self.configure(max_cached, max_bytes, release_after)
+
+    def mempool(self) -> Any:
+        if self._mempool is None:
+            self._mempool = self._engine.api.new_pool()
+        return self._mempool
+
+    def configure(self, max_cached: int, max_bytes: int, release_after: int) -> None:
+        self.release_after = release_after
+        self._limits = {
+            "max_cached_bytes": None if max_cached < 0 else max_cached,
+            "max_bytes": None if max_bytes < 0 else max_bytes,
+            "release_after": release_after,
+        }
+
+    def blocks(self) -> list[dict[str, Any]]:
+        if self._mempool is None:
+            return []
+        return [b for s in self._engine.api.segments(self._mempool) for b in s["blocks"]]
+
+    def stats(self) -> dict[str, Any]:
+        segments = self.segments()
+        blocks = [b for s in segments for b in s["blocks"]]
+        active = [b for b in blocks if b["state"] == ACTIVE]
+        in_use = sum(b["size"] for b in active)
+        reserved = sum(s["total_size"] for s in segments)
+        return {
+            "bytes_in_use": in_use,
+            "bytes_requested": sum(b.get("requested_size", b["size"]) for b in active),
+            "bytes_cached": reserved - in_use,
+            "bytes_reserved": reserved,
+            "bytes_mapped": reserved,
+            "peak_bytes_in_use": 0,  # not visible per pool
+            "blocks_in_use": len(active),
+            "blocks_cached": len(blocks) - len(active),
+            "segments": len(segments),
+            "hits": 0,
+            "misses": 0,
+            "evictions": 0,
+            "bytes_released": 0,
+            "fallbacks": 0,
+            "exits": 0,
+            "working_set_bytes": 0,
+            **self._limits,
+        }
+
+    def release(self, everything: bool) -> None:
+        """Hand the pool's memory back to PyTorch's allocator once nothing in it is in use.
+
+        Dropping the MemPool makes its segments freeable; ``torch.cuda.empty_cache`` frees them
+        (and, as it always does, the device's other unused cached blocks).
+        """
+        if self._mempool is None or self.open_scopes or any(b["state"] == ACTIVE for b in self.blocks()):
+            return
+        self._mempool = None
+        self._engine.api.empty_cache()
+
+    def segments(self) -> list[dict[str, Any]]:
+        return [] if self._mempool is None else self._engine.api.segments(self._mempool)
+
+    def trace(self) -> list[dict[str, Any]]:
+        return []
+
+
+class CudaScope:
+    """One activation of a scope on a CUDA device."""
+
+    def __init__(self, engine: CudaEngine, pool: CudaPool, profiling: bool) -> None:
+        self._engine = engine
+        self.pool = pool
+        self._profiling = profiling
+        self._owner: Optional[int] = None
+        self._before: set[int] = set()
+        self._final: Optional[list[dict[str, Any]]] = None
+
+    def enter(self) -> None:
+        if self._profiling:
+            self._engine.api.record_history()
+        stack = self._engine.stack(self.pool.device_index)
+        self._before = {b["address"] for b in self.pool.blocks() if b["state"] == ACTIVE}
+        self._final = None
+        top = stack[-1] if stack else None
+        if top is None or top.pool is not self.pool:
+            if top is not None:
+                self._engine.api.end(self.pool.device_index, top.pool.mempool())
+            self._engine.api.begin(self.pool.device_index, self.pool.mempool())
+        stack.append(self)
+        self._owner = threading.get_ident()
+        with self._engine.lock:
+            self.pool.open_scopes += 1
+
+    def exit(self) -> str:
+        if self._owner is None:
+            return "not_active"
+        if self._owner != threading.get_ident():
+            return "wrong_thread"
+        stack = self._engine.stack(self.pool.device_index)
+        was_top = stack[-1] is self
+        stack.remove(self)
+        self._owner = None
+        with self._engine.lock:
+            self.pool.open_scopes -= 1
+        new_top = stack[-1] if stack else None
+        if was_top and (new_top is None or new_top.pool is not self.pool):
+            # Only the innermost scope's pool is routed: PyTorch would send everything to the first.
+            self._engine.api.end(self.pool.device_index, self.pool.mempool())
+            if new_top is not None:
+                self._engine.api.begin(self.pool.device_index, new_top.pool.mempool())
+        self._final = self.live_blocks()
+        if not stack:
+            self._engine.outermost_exit(self.pool)
+        return "ok"
+
+    def live_blocks(self) -> list[dict[str, Any]]:
+        """Blocks that became active while this scope was open and are still active."""
+        return [
+            {"address": b["address"], "size": b["size"], "requested_size": b.get("requested_size", b["size"]),
+             "frames": b.get("frames", [])}
+            for b in self.pool.blocks()
+            if b["state"] == ACTIVE and b["address"] not in self._before
+        ]
+
+    def stats(self) -> dict[str, Any]:
+        live = self.live_blocks()
+        return {
+            "allocations_routed": 0,  # not visible per pool on CUDA
+            "bytes_routed": 0,
+            "hits": 0,
+            "misses": 0,
+            "fallbacks": 0,
+            "refused": 0,
+            "bytes_in_use": sum(b["size"] for b in live),
+            "blocks_in_use": len(live),
+            "peak_bytes_in_use": 0,
+            "alloc_seconds": 0.0,
+        }
+
+    def reset_peak(self) -> None:
+        pass
+
+    def limit_error(self) -> None:
+        return None
+
+
+class CudaEngine:
+    name = "mempool"
+
+    def __init__(self, api: Any) -> None:
+        self.api = api
+        self._stacks = _Stacks()
+        self.lock = threading.Lock()
+        self._pools: list[CudaPool] = []
+
+    def stack(self, device_index: int) -> list[CudaScope]:
+        return self._stacks.by_device.setdefault(device_index, [])
+
+    def outermost_exit(self, used: CudaPool) -> None:
+        """Count an outermost exit; a pool unused for ``release_after`` of them is handed back."""
+        with self.lock:
+            pools = list(self._pools)
+        for pool in pools:
+            pool.idle_exits = 0 if pool is used else pool.idle_exits + 1
+            if pool.idle_exits > pool.release_after:
+                pool.release(everything=True)
+
+    @property
+    def enter_then(self) -> Callable[..., Any]:
+        return python_enter_then
+
+    @property
+    def exit_then(self) -> Callable[..., Any]:
+        return python_exit_then
+
+    def new_pool(self, device: torch.device, max_cached: int, max_bytes: int, release_after: int) -> CudaPool:
+        pool = CudaPool(self, device, max_cached, max_bytes, release_after)
+        with self.lock:
+            self._pools.append(pool)
+        return pool
+
+    def new_scope(
+        self, pool: Any, threshold: int, max_bytes: int, fallback: bool, profiling: bool, name: str, ticks: bool
+    ) -> CudaScope:
+        return CudaScope(self, pool, profiling)
+
