@@ -124,10 +124,10 @@ def _child(script: str, workload: str, mode: str, params: dict[str, Any]) -> dic
         times.append(time.perf_counter() - t0)
         faults.append(_faults() - f0)
         del result
-    extra = getattr(step, "report", lambda: {})()
-    del step
+    report = getattr(step, "report", lambda: {})
     gc.collect()
-    return {"times": times, "faults": faults, "peak_rss": _status("VmHWM:"), "end_rss": _status("VmRSS:"), **extra}
+    end = {"peak_rss": _status("VmHWM:"), "end_rss": _status("VmRSS:")}  # before the report, which may release memory
+    return {"times": times, "faults": faults, **end, **report()}
 
 
 def run_child(script: Path, workload: str, case: Case, params: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:

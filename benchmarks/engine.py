@@ -67,14 +67,15 @@ class DecodeLayer(nn.Module):
         return x + self.mlp(x)
 
 
-def decode(mode: str, tokens: int = 48, prompt: int = 1024, d: int = 256, layers: int = 2) -> Callable[[], Any]:
+def decode_body(tokens: int, prompt: int, d: int, layers: int, device: str = "cpu") -> Callable[[], torch.Tensor]:
+    """Greedy decoding of ``tokens`` tokens after a ``prompt``-token KV cache (benchmarks/gpu.py reuses it)."""
     torch.manual_seed(0)
-    model = nn.ModuleList(DecodeLayer(d, 8) for _ in range(layers)).eval()
-    start = torch.randn(1, 1, d)
+    model = nn.ModuleList(DecodeLayer(d, 8) for _ in range(layers)).to(device).eval()
+    start = torch.randn(1, 1, d, device=device)
     heads, hd = 8, d // 8
 
     def body() -> torch.Tensor:
-        caches = [[torch.randn(1, heads, prompt, hd), torch.randn(1, heads, prompt, hd)] for _ in range(layers)]
+        caches = [[torch.randn(1, heads, prompt, hd, device=device) for _ in range(2)] for _ in range(layers)]
         x = start
         with torch.inference_mode():
             for _ in range(tokens):
@@ -82,7 +83,11 @@ def decode(mode: str, tokens: int = 48, prompt: int = 1024, d: int = 256, layers
                     x = layer(x, cache)
         return x
 
-    return scoped(mode, body)
+    return body
+
+
+def decode(mode: str, tokens: int = 48, prompt: int = 1024, d: int = 256, layers: int = 2) -> Callable[[], Any]:
+    return scoped(mode, decode_body(tokens, prompt, d, layers))
 
 
 def attention(mode: str, length: int = 2048, context: str = "inference_mode") -> Callable[[], Any]:

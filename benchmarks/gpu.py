@@ -60,20 +60,7 @@ def _timed(mode: str, call: Callable[[], Any]) -> Callable[[], Any]:
 
 def decode(mode: str, tokens: int = 64, prompt: int = 512, d: int = 256) -> Callable[[], Any]:
     engine = _module(Path(__file__).with_name("engine.py"), "engine_workloads")
-    torch.manual_seed(0)
-    model = torch.nn.ModuleList(engine.DecodeLayer(d, 8) for _ in range(2)).cuda().eval()
-    start = torch.randn(1, 1, d, device="cuda")
-
-    def call() -> torch.Tensor:
-        caches = [[torch.randn(1, 8, prompt, d // 8, device="cuda") for _ in range(2)] for _ in range(2)]
-        x = start
-        with torch.inference_mode():
-            for _ in range(tokens):
-                for layer, cache in zip(model, caches):
-                    x = layer(x, cache)
-        return x
-
-    return _timed(mode, call)
+    return _timed(mode, engine.decode_body(tokens, prompt, d, 2, device="cuda"))
 
 
 def attention(mode: str, length: int = 8192) -> Callable[[], Any]:

@@ -22,11 +22,11 @@ threads, which a scope does not route (as with ``use_mem_pool``).
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
-from ._engine import python_enter_then, python_exit_then
+from ._engine import PythonPushPop
 
 __all__ = ["CudaEngine"]
 
@@ -193,7 +193,7 @@ class CudaScope:
         return None
 
 
-class CudaEngine:
+class CudaEngine(PythonPushPop):
     name = "mempool"
 
     def __init__(self, api: Any) -> None:
@@ -213,14 +213,6 @@ class CudaEngine:
             pool.idle_exits = 0 if pool is used else pool.idle_exits + 1
             if pool.idle_exits > pool.release_after:
                 pool.release(everything=True)
-
-    @property
-    def enter_then(self) -> Callable[..., Any]:
-        return python_enter_then
-
-    @property
-    def exit_then(self) -> Callable[..., Any]:
-        return python_exit_then
 
     def new_pool(self, device: torch.device, max_cached: int, max_bytes: int, release_after: int) -> CudaPool:
         pool = CudaPool(self, device, max_cached, max_bytes, release_after)

@@ -103,6 +103,18 @@ def python_exit_then(scope: Any, after: Callable[..., Any], *exc: Any) -> Any:
     return after(backend.exit() if backend is not None else "not_active", *exc)
 
 
+class PythonPushPop:
+    """``enter_then``/``exit_then`` for engines whose push and pop are Python anyway."""
+
+    @property
+    def enter_then(self) -> Callable[..., Any]:
+        return python_enter_then
+
+    @property
+    def exit_then(self) -> Callable[..., Any]:
+        return python_exit_then
+
+
 _lock = threading.Lock()
 _cpu_engine: Optional[Engine] = None
 _cuda_engine: Optional[Engine] = None

@@ -7,11 +7,11 @@ cannot be built, so that code written with poolscope runs unchanged, unpooled.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
-from ._engine import python_enter_then, python_exit_then
+from ._engine import PythonPushPop
 
 __all__ = ["ENGINE"]
 
@@ -76,16 +76,8 @@ class _Scope:
         return None
 
 
-class PassthroughEngine:
+class PassthroughEngine(PythonPushPop):
     name = "passthrough"
-
-    @property
-    def enter_then(self) -> Callable[..., Any]:
-        return python_enter_then
-
-    @property
-    def exit_then(self) -> Callable[..., Any]:
-        return python_exit_then
 
     def new_pool(self, device: torch.device, max_cached: int, max_bytes: int, release_after: int) -> _Pool:
         return _Pool(max_cached, max_bytes, release_after)

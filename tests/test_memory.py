@@ -151,7 +151,7 @@ def test_scope_limit_raises_naming_the_scope_what_is_alive_and_where():
         with poolscope.pool_scope(max_bytes="10MiB", name="decode", enable_profiling=True):
             first = torch.zeros(MiB)  # 4 MiB
             second = torch.zeros(MiB)  # 8 MiB
-            third = torch.zeros(MiB)  # 12 MiB: refused
+            torch.zeros(MiB)  # 12 MiB: refused
     message = str(raised.value)
     assert "pool_scope(name='decode', max_bytes=10485760) refused an allocation of 4194304 bytes" in message
     assert "8388608 bytes in 2 pooled block(s)" in message
@@ -216,7 +216,7 @@ def test_figures_of_nested_and_overlapping_scopes_are_exact_and_in_the_report():
     for t in threads:
         t.join()
     assert peaks == {"left": 8 * MiB, "right": 16 * MiB}  # independent of each other
-    with poolscope.pool_scope(name="kept") as scope:
+    with poolscope.pool_scope(name="kept"):
         kept = torch.zeros(MiB)
     rows = {line.split()[0]: line.split() for line in poolscope.report().splitlines()[2:]}
     assert rows["right"][5] == "16.0" and rows["left"][5] == "8.0"  # peak MiB
