@@ -16,13 +16,12 @@ only. Engines:
 from __future__ import annotations
 
 import threading
-import warnings
 from typing import Any, Callable, Optional, Protocol
 
 import torch
 
 from ._config import ENV, DeviceLike, parse_device
-from ._errors import PoolscopeError, PoolscopeWarning
+from ._errors import PoolscopeError
 
 __all__ = ["Engine", "PoolBackend", "ScopeBackend", "engine", "engine_for"]
 
@@ -127,16 +126,15 @@ def _pick_cpu_engine() -> Engine:
         return _passthrough.ENGINE
     from . import _native
     from ._build import BuildError
+    from ._report import warn_at_caller
 
     try:
         return _native.NativeEngine()
     except BuildError as exc:
         if ENV.engine == "native":
             raise PoolscopeError(f"POOLSCOPE_ENGINE=native, but the native engine is unavailable: {exc}") from exc
-        warnings.warn(
-            f"poolscope's native engine is unavailable, so scopes will pool nothing (results are unchanged): {exc}",
-            PoolscopeWarning,
-            stacklevel=4,
+        warn_at_caller(
+            f"poolscope's native engine is unavailable, so scopes will pool nothing (results are unchanged): {exc}"
         )
         return _passthrough.ENGINE
 
