@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **env}, timeout=600)
+    # The engine is picked as a user's process picks it, whatever engine this run forces.
+    env = {**os.environ, "POOLSCOPE_ENGINE": "", "POOLSCOPE_DISABLE": "", **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
 def test_the_cache_is_keyed_by_torch_version_abi_python_and_sources():

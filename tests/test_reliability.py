@@ -207,6 +207,7 @@ def test_faults_and_failed_growth_at_any_point_lose_nothing(fail_at, grow_fails,
 # --- threads ---------------------------------------------------------------------------------
 
 
+@pytest.mark.pools
 def test_eight_threads_with_cross_thread_handoffs():
     pool = poolscope.TensorPool("cpu")
     handoff: queue.Queue = queue.Queue(maxsize=64)
