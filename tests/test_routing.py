@@ -198,3 +198,33 @@ def test_stats_count_bytes_hits_and_misses(pool):
     assert (stats.hits, stats.misses, stats.escaped) == (1, 2, 2)
     assert stats.hit_rate == pytest.approx(1 / 3)
     del b, c
+
+
+def _malloc_bytes() -> int:
+    """Bytes glibc's malloc has handed out (heap and mmapped), from mallinfo2."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def test_the_replaced_allocator_serves_everything_outside_scopes_and_the_pool_what_is_inside():
+    with poolscope.pool_scope():  # installs the allocator and warms the pool
+        torch.empty(64 * MiB // 4)
+    before = _malloc_bytes()
+    outside = torch.empty(64 * MiB // 4)
+    assert _malloc_bytes() - before >= 64 * MiB  # chained: glibc (through c10's allocator) served it
+    before = _malloc_bytes()
+    with poolscope.pool_scope() as scope:
+        inside = torch.empty(64 * MiB // 4)
+    assert scope.stats.hits == 1
+    assert _malloc_bytes() - before < MiB  # the pool's cached block, not a new malloc
+    del outside, inside
