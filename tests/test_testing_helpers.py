@@ -162,6 +162,9 @@ def test_plugin_flag_catches_the_leaky_example_and_passes_the_clean_one():
     assert "FAILED examples/leak_testing/test_attention_leaks.py::test_leaky_attention" in out.stdout
     assert "1 failed, 2 passed" in out.stdout
     assert "allocated at" in out.stdout and "test_attention_leaks.py:42 in forward" in out.stdout
+    # What docs/testing.md shows: the scores of lengths 512 and 1024 (256's are under the threshold).
+    assert "2 pooled block(s) still alive after the body" in out.stdout
+    assert "shape (2, 1024, 1024)" in out.stdout and "shape (2, 512, 512)" in out.stdout
     assert _pytest(example).returncode == 0
 
 
