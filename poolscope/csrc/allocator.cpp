@@ -187,6 +187,15 @@ void count_fallback_locked(Scope* top, Pool* pool) {
 // cannot supply one (out of memory, or the pool's max_bytes) even after the
 // pool gave back its cache.
 Block* grow_locked(std::unique_lock<std::mutex>& lock, Pool* pool, size_t size) {
+  {
+    Releases out;
+    pool->release_segments_smaller_than(size, out);
+    if (!out.segments.empty()) {
+      lock.unlock();
+      out.run();
+      lock.lock();
+    }
+  }
   for (int attempt = 0; attempt < 2; ++attempt) {
     size_t wanted = segment_size(size);
     if (pool->max_bytes != kNone) {

@@ -134,6 +134,7 @@ struct Pool : std::enable_shared_from_this<Pool> {
   void settle(Block* block);  // a decommitted block rejoins the free set
   // Give back free memory, oldest first, until at most `budget` bytes may stay resident.
   void shrink_to(size_t budget, Releases& out);
+  void release_segments_smaller_than(size_t size, Releases& out);
   void release_block(Block* block, Releases& out);
   // Give back free memory that no lend of the last `release_after` outermost exits reused.
   void release_idle(Releases& out);

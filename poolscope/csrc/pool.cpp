@@ -222,6 +222,25 @@ void Pool::shrink_to(size_t budget, Releases& out) {
   }
 }
 
+void Pool::release_segments_smaller_than(size_t size, Releases& out) {
+  // Called when no free block can serve `size`: a wholly free segment smaller than that can
+  // never serve it either, and the new segment will serve the smaller requests it used to.
+  // Without this, sizes that keep growing (random sequence lengths) leave a trail of
+  // segments each a little too small, and the cache grows to several times the peak.
+  std::vector<Block*> smaller;
+  for (Block* block : free_blocks) {
+    if (block->size >= size) {
+      break;  // ordered by size
+    }
+    if (block->prev == nullptr && block->next == nullptr) {
+      smaller.push_back(block);
+    }
+  }
+  for (Block* block : smaller) {
+    release_block(block, out);
+  }
+}
+
 void Pool::release_block(Block* block, Releases& out) {
   // `block` is free: give its memory back, the whole segment when it is all free, else its pages.
   free_blocks.erase(block);
