@@ -378,3 +378,35 @@ def test_ddp_two_processes_gloo():
         assert results[f"plain{rank}"]["routed"] == 0
         assert_same_tree(results[f"pooled{rank}"]["params"], results[f"plain{rank}"]["params"])
     assert_same_tree(results["pooled0"]["params"], results["pooled1"]["params"])  # DDP kept ranks in sync
+
+
+def _longnet_encoder() -> nn.Module:
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("longnet_example", Path(__file__).parent.parent / "examples" / "longnet.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    encoder = module.LongNetEncoder().eval()
+    module.set_memory_pool(encoder, False)  # no decorators: only the newcomer's one scope
+    return encoder
+
+
+@pytest.mark.pools
+@pytest.mark.parametrize("name", ["mlp_2mib_outputs_with_grad", "transformer_encoder_with_grad", "longnet_encoder"])
+def test_the_readme_one_liner_pools_what_a_newcomer_tries_first(name):
+    # The first release's default pooled nothing on these three (issue 14).
+    torch.manual_seed(0)
+    if name == "mlp_2mib_outputs_with_grad":
+        model, x = nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 1024)), torch.randn(512, 256)
+    elif name == "transformer_encoder_with_grad":
+        layer = nn.TransformerEncoderLayer(64, 4, 256, batch_first=True, dropout=0.0)
+        model, x = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), torch.randn(4, 1024, 64)
+    else:
+        model, x = _longnet_encoder(), torch.randn(1, 4096, 192)
+    plain = model(x)
+    with poolscope.pool_scope() as scope:
+        out = model(x)
+    assert scope.stats.allocations_routed > 0
+    assert_same(out, plain)
