@@ -187,6 +187,34 @@ MODELS = {  # row name: (function, parameters, smoke parameters)
 }
 
 
+def plot(results: dict[str, dict[str, Any]], path: Path) -> bool:
+    """Time of each allocator relative to plain PyTorch, per model (lower is faster)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = list(results)
+    labels = [k for k in next(iter(results.values())) if k != "plain"]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(names) * len(labels) / 2 + 1.5))
+    height = 0.8 / len(labels)
+    peer_colors = iter(["tab:blue", "tab:orange", "tab:purple", "tab:red", "tab:brown", "tab:gray"])
+    for i, label in enumerate(labels):
+        ratios = [results[n][label]["ms"] / results[n]["plain"]["ms"] for n in names]
+        ax.barh([y + i * height for y in range(len(names))], ratios, height,
+                label=label, color="tab:green" if label == "poolscope" else next(peer_colors))
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks([y + 0.4 - height / 2 for y in range(len(names))], names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("time per call / plain PyTorch's (median; lower is faster)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def main() -> int:
     from _harness import Case, machine, markdown, peers, side_by_side, write_json
 
@@ -197,7 +225,14 @@ def main() -> int:
     parser.add_argument("--only", help="run the models whose row contains this")
     parser.add_argument("--contexts", default="no_grad,inference_mode")
     parser.add_argument("--smoke", action="store_true", help="tiny configs, one round: checks that it runs")
+    parser.add_argument("--from-json", type=Path, help="draw the plot of an earlier run's results")
     args = parser.parse_args()
+    if args.from_json:
+        import json
+
+        picture = args.from_json.with_suffix(".png")
+        print(f"plot: {picture}" if plot(json.loads(args.from_json.read_text())["results"], picture) else "no plot: matplotlib missing")
+        return 0
     envs, missing = peers()
     cases = [Case(name, "plain", env) for name, env in envs.items()] + [Case("poolscope", "pooled")]
     rounds, repeats = (1, 1) if args.smoke else (args.rounds, args.repeats)
@@ -232,7 +267,8 @@ def main() -> int:
     print(markdown(header, rows))
     out = write_json(args.out, "models-smoke.json" if args.smoke else "models.json",
                      {"machine": machine(), "rounds": rounds, "missing": missing, "skipped": skipped, "results": results})
-    print(f"\nresults: {out}")
+    picture = args.out / ("models-smoke.png" if args.smoke else "models.png")
+    print(f"\nresults: {out}" + (f"; plot: {picture}" if plot(results, picture) else " (no plot: matplotlib missing)"))
     return 0
 
 
