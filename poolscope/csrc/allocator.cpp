@@ -186,14 +186,18 @@ void count_fallback_locked(Scope* top, Pool* pool) {
 // A new segment's block for `size` bytes, or nullptr when the replaced allocator
 // cannot supply one (out of memory, or the pool's max_bytes) even after the
 // pool gave back its cache.
+void run_unlocked(std::unique_lock<std::mutex>& lock, Releases& out) {
+  lock.unlock();
+  out.run();
+  lock.lock();
+}
+
 Block* grow_locked(std::unique_lock<std::mutex>& lock, Pool* pool, size_t size) {
   {
     Releases out;
     pool->release_segments_smaller_than(size, out);
     if (!out.segments.empty()) {
-      lock.unlock();
-      out.run();
-      lock.lock();
+      run_unlocked(lock, out);
     }
   }
   for (int attempt = 0; attempt < 2; ++attempt) {
@@ -227,9 +231,7 @@ Block* grow_locked(std::unique_lock<std::mutex>& lock, Pool* pool, size_t size) 
     if (attempt == 0) {
       Releases out;
       pool->shrink_to(0, out);
-      lock.unlock();
-      out.run();
-      lock.lock();
+      run_unlocked(lock, out);
     }
   }
   return nullptr;
