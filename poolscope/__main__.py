@@ -39,11 +39,12 @@ def _build() -> int:
     from ._build import BuildError, build_dir, load
 
     try:
-        load(verbose=False)
+        load(verbose=False, rebuild_broken=True)
+        where = build_dir()
     except BuildError as exc:
         print(f"poolscope: the native engine could not be built: {exc}", file=sys.stderr)
         return 1
-    print(f"poolscope: native engine ready in {build_dir()}")
+    print(f"poolscope: native engine ready in {where}")
     return 0
 
 

@@ -1,12 +1,21 @@
 from __future__ import annotations
 
 import gc
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 import poolscope
 from poolscope._engine import engine_for
+
+# scripts/test runs the suite against the installed package; it sets this to the checkout.
+_CHECKOUT = os.environ.get("POOLSCOPE_TEST_CHECKOUT")
+if _CHECKOUT and Path(poolscope.__file__).resolve().is_relative_to(Path(_CHECKOUT, "poolscope").resolve()):
+    raise pytest.UsageError(
+        f"the suite must test the installed poolscope, but imported the checkout's {poolscope.__file__}"
+    )
 
 ENGINE = poolscope.engine()
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -15,10 +15,10 @@ from poolscope import _build
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+def _python(code: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
     # The engine is picked as a user's process picks it, whatever engine this run forces.
     env = {**os.environ, "POOLSCOPE_ENGINE": "", "POOLSCOPE_DISABLE": "", **env}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
 def test_the_cache_is_keyed_by_torch_version_abi_python_and_sources():
@@ -64,4 +64,89 @@ def test_when_native_is_required_a_failed_build_is_an_error(tmp_path):
     )
     out = _python(code, CXX="/bin/false", POOLSCOPE_CACHE_DIR=str(tmp_path), POOLSCOPE_ENGINE="native")
     assert "error: POOLSCOPE_ENGINE=native, but the native engine is unavailable" in out.stdout, out.stderr[-2000:]
-    assert "needs a C++ compiler" in out.stdout
+    assert "needs a working C++ compiler" in out.stdout
+
+
+def _broken_copy(tmp_path: Path) -> Path:
+    """A copy of the imported poolscope package whose engine sources are incomplete."""
+    import shutil
+
+    import poolscope
+
+    site = tmp_path / "site"
+    shutil.copytree(Path(poolscope.__file__).parent, site / "poolscope", ignore=shutil.ignore_patterns("__pycache__"))
+    (site / "poolscope" / "csrc" / "pool.cpp").unlink()
+    return site
+
+
+SCOPE_THEN_ENGINE = (
+    "import warnings, torch, poolscope\n"
+    "with warnings.catch_warnings(record=True) as seen:\n"
+    "    warnings.simplefilter('always')\n"
+    "    with poolscope.pool_scope() as s:\n"
+    "        x = torch.ones(1 << 20) * 2\n"
+    "print(poolscope.engine(), s.stats.allocations_routed, bool(torch.all(x == 2)))\n"
+    "print([str(w.message) for w in seen])\n"
+)
+
+
+def test_missing_sources_become_one_warning_and_passthrough_scopes(tmp_path):
+    site = _broken_copy(tmp_path)
+    out = _python(SCOPE_THEN_ENGINE, tmp_path, PYTHONPATH=str(site), POOLSCOPE_CACHE_DIR=str(tmp_path / "cache"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    first, warned = out.stdout.splitlines()
+    assert first.split() == ["passthrough", "0", "True"]
+    assert "pool.cpp cannot be read" in warned and "pip install --force-reinstall" in warned
+    assert "Traceback" not in out.stderr
+
+
+def test_the_build_command_fails_with_the_cause_not_a_traceback(tmp_path):
+    site = _broken_copy(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "poolscope", "build"], capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(site), "POOLSCOPE_CACHE_DIR": str(tmp_path / "cache")}, timeout=600,
+    )
+    assert out.returncode == 1
+    assert "the native engine could not be built" in out.stderr and "pool.cpp cannot be read" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_missing_compiler_is_named_with_the_package_to_install(tmp_path):
+    out = _python(SCOPE_THEN_ENGINE, CXX="/nonexistent/c++", POOLSCOPE_CACHE_DIR=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "no C++ compiler: '/nonexistent/c++' is not on PATH" in out.stdout
+    assert "apt install g++" in out.stdout and "dnf install gcc-c++" in out.stdout
+
+
+def test_an_unwritable_cache_names_the_variable_that_moves_it(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    out = _python(SCOPE_THEN_ENGINE, POOLSCOPE_CACHE_DIR=str(tmp_path / "file" / "cache"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[:2] == ["passthrough", "0"]
+    assert "cannot write the engine's build folder" in out.stdout and "POOLSCOPE_CACHE_DIR" in out.stdout
+
+
+def test_a_damaged_cached_library_passes_through_and_the_build_command_rebuilds_it(tmp_path):
+    where = tmp_path / _build.build_dir().name
+    where.mkdir()
+    (where / "poolscope_native.so").write_bytes(b"not a library")
+    (where / "built.ok").write_text("0 s\n")
+    out = _python(SCOPE_THEN_ENGINE, POOLSCOPE_CACHE_DIR=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[:2] == ["passthrough", "0"]
+    assert "cannot be loaded" in out.stdout and "python -m poolscope build" in out.stdout
+    # The build command builds it again (made to fail fast here: a compiler that refuses).
+    out = subprocess.run(
+        [sys.executable, "-m", "poolscope", "build"], capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "POOLSCOPE_CACHE_DIR": str(tmp_path), "CXX": "/bin/false"}, timeout=600,
+    )
+    assert out.returncode == 1 and "building it again" in out.stderr and "compiling the native engine" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_other_platforms_pass_through_and_say_which_platform(tmp_path):
+    code = "import sys, torch, poolscope; sys.platform = 'darwin'\n" + SCOPE_THEN_ENGINE
+    out = _python(code, POOLSCOPE_CACHE_DIR=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[:2] == ["passthrough", "0"]
+    assert "built and tested on Linux only, and this is 'darwin'" in out.stdout

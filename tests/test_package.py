@@ -45,7 +45,7 @@ def test_allocator_is_installed_by_the_first_scope_not_before():
 
 
 def test_public_api_is_explicit_typed_and_documented():
-    assert (ROOT / "poolscope" / "py.typed").exists()
+    assert (Path(poolscope.__file__).parent / "py.typed").exists()
     for name in poolscope.__all__:
         obj = getattr(poolscope, name)
         if name.startswith("__"):

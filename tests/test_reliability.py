@@ -103,11 +103,11 @@ def test_growth_failure_frees_the_cache_then_falls_back_to_the_ordinary_allocato
     with poolscope.pool_scope(pool=pool) as scope:
         warm = torch.ones(MiB)  # a cached block too small for what follows
         del warm
-        native().fail_growth(True)
+        native()._test.fail_growth(True)
         try:
             x = torch.full((2 * MiB,), 3.0)
         finally:
-            native().fail_growth(False)
+            native()._test.fail_growth(False)
     assert torch.all(x == 3.0)
     stats = pool.stats()
     assert stats.fallbacks == 1 and scope.stats.fallbacks == 1 and stats.blocks_in_use == 0
@@ -165,11 +165,11 @@ def _workload(pool: poolscope.TensorPool, fail_at: int, grow_fails: set[int]) ->
             for i, step in enumerate(steps):
                 if i == fail_at:
                     raise Fault(i)
-                native().fail_growth(i in grow_fails)
+                native()._test.fail_growth(i in grow_fails)
                 try:
                     step(env)
                 finally:
-                    native().fail_growth(False)
+                    native()._test.fail_growth(False)
     return env["kept"]
 
 

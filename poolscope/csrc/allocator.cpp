@@ -8,10 +8,12 @@
 // reference, without the GIL. Context and data pointer are the same, so the
 // raw_allocate/raw_deallocate interface that kernels such as oneDNN's use works.
 #include "engine.h"
+#include "os.h"
 #include "torch_compat.h"
 
 #include <c10/core/CPUAllocator.h>
 #include <pthread.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -27,12 +29,28 @@ namespace {
 // their deleters must still find these (and the allocator) intact.
 auto& g_live = *new std::unordered_map<void*, Block*>();  // lent blocks by address, under g_mu
 auto& g_pools = *new std::vector<std::weak_ptr<Pool>>();  // under g_mu
-c10::Allocator* g_replaced = nullptr;
-c10::DeleterFnPtr g_replaced_raw = nullptr;
-std::atomic<bool> g_fail_growth{false};
+// Published (release) before poolscope's allocator becomes PyTorch's, read (acquire) by every
+// thread that reaches it: a thread that sees the new allocator also sees what it forwards to.
+std::atomic<c10::Allocator*> g_replaced{nullptr};
+std::atomic<c10::DeleterFnPtr> g_replaced_raw{nullptr};
+std::atomic<int> g_fail_growth{0};    // test hook: 1 growth returns nothing, 2 it throws a non-std exception
+std::atomic<bool> g_fail_register{false};  // test hook: the next lend fails after its block was taken
 
+c10::Allocator* replaced_allocator() {
+  return g_replaced.load(std::memory_order_acquire);
+}
+
+// The calling thread's innermost open scope: read by every allocation, so a plain pointer.
+// Trivially destructible, it outlives the stack below during thread exit; the stack clears it
+// when it dies, so a later thread-local destructor that allocates is served as outside a scope.
 thread_local Scope* t_top = nullptr;
-thread_local std::vector<std::shared_ptr<Scope>> t_stack;
+struct ThreadStack {
+  std::vector<std::shared_ptr<Scope>> scopes;
+  ~ThreadStack() {
+    t_top = nullptr;
+  }
+};
+thread_local ThreadStack t_stack;
 
 constexpr size_t kClassSteps = 4;  // new segments are rounded up to 1, 1.25, 1.5 or 1.75 x 2**k
 
@@ -60,7 +78,7 @@ struct PoolscopeAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t nbytes) override {
     Scope* top = t_top;
     if (C10_LIKELY(top == nullptr) || nbytes < top->threshold || nbytes == 0) {
-      return g_replaced->allocate(nbytes);
+      return replaced_allocator()->allocate(nbytes);
     }
     return lend(top, nbytes);
   }
@@ -107,15 +125,18 @@ void release_ptr(void* ptr) {
   out.run();
   if (ptr != nullptr) {
     // Not a pooled block: memory the replaced allocator handed out through raw_allocate.
-    TORCH_INTERNAL_ASSERT(g_replaced_raw != nullptr, "poolscope: the replaced CPU allocator has no raw deleter");
-    g_replaced_raw(ptr);
+    c10::DeleterFnPtr raw = g_replaced_raw.load(std::memory_order_acquire);
+    TORCH_INTERNAL_ASSERT(raw != nullptr, "poolscope: the replaced CPU allocator has no raw deleter");
+    raw(ptr);
   }
 }
 
 // The innermost open scope of the chain whose max_bytes one more block of `size` would pass.
 Scope* over_limit(Scope* top, size_t size) {
   for (Scope* s = top; s != nullptr; s = s->parent.get()) {
-    if (!s->closed && s->max_bytes != kNone && s->live_bytes + static_cast<int64_t>(size) > s->max_bytes) {
+    // Unsigned: a size near 2**63 must not wrap into a negative that passes.
+    if (!s->closed && s->max_bytes != kNone &&
+        size > static_cast<size_t>(s->max_bytes) - std::min(static_cast<size_t>(s->live_bytes), static_cast<size_t>(s->max_bytes))) {
       return s;
     }
   }
@@ -135,7 +156,28 @@ std::string limit_message(const Scope* limiting, size_t size, size_t nbytes) {
   return msg.str();
 }
 
-c10::DataPtr register_locked(Scope* top, Block* block, size_t nbytes, bool hit, Context context, int64_t start_ns) {
+// The scopes a block lent now counts toward: the open ones of the chain. Made before the block
+// is taken, so that running out of memory here leaves the pool as it was.
+using Charged = c10::SmallVector<std::shared_ptr<Scope>, 4>;
+
+Charged charged_scopes(Scope* top) {
+  Charged charged;
+  for (Scope* s = top; s != nullptr; s = s->parent.get()) {
+    if (!s->closed) {
+      charged.push_back(s->shared_from_this());
+    }
+  }
+  return charged;
+}
+
+// Record a taken block as lent. Only the registry insertion can throw (bad_alloc); it comes first,
+// and the caller puts the block back when it does.
+c10::DataPtr register_locked(Charged& charged, Block* block, size_t nbytes, bool hit, Context context,
+                             int64_t start_ns) {
+  if (g_fail_register.exchange(false)) {
+    throw std::bad_alloc();
+  }
+  g_live.emplace(block->addr, block);
   Pool* pool = block->pool;
   block->requested = nbytes;
   block->owner = pool->shared_from_this();
@@ -149,10 +191,7 @@ c10::DataPtr register_locked(Scope* top, Block* block, size_t nbytes, bool hit, 
   (hit ? pool->hits : pool->misses) += 1;
   const auto size = static_cast<int64_t>(block->size);
   const int64_t spent = now_ns() - start_ns;
-  for (Scope* s = top; s != nullptr; s = s->parent.get()) {
-    if (s->closed) {
-      continue;
-    }
+  for (auto& s : charged) {
     s->live_bytes += size;
     s->live_blocks += 1;
     s->peak_bytes = std::max(s->peak_bytes, s->live_bytes);
@@ -160,17 +199,19 @@ c10::DataPtr register_locked(Scope* top, Block* block, size_t nbytes, bool hit, 
     s->routed_bytes += static_cast<int64_t>(nbytes);
     (hit ? s->hits : s->misses) += 1;
     s->alloc_ns += spent;
-    block->charged.push_back(s->shared_from_this());
   }
+  block->charged = std::move(charged);
   if (block->context) {
-    if (!pool->tracing) {
-      pool->tracing = true;
-      pool->record_segment("segment_alloc", block->segment);
+    try {  // the trace is a figure: losing an event to a full memory must not lose the block
+      if (!pool->tracing) {
+        pool->tracing = true;
+        pool->record_segment("segment_alloc", block->segment);
+      }
+      block->alloc_us = now_us();
+      pool->record("alloc", block, block->context);
+    } catch (const std::bad_alloc&) {
     }
-    block->alloc_us = now_us();
-    pool->record("alloc", block, block->context);
   }
-  g_live.emplace(block->addr, block);
   return c10::DataPtr(block->addr, block->addr, &release_ptr, c10::Device(c10::DeviceType::CPU));
 }
 
@@ -183,17 +224,31 @@ void count_fallback_locked(Scope* top, Pool* pool) {
   }
 }
 
-// A new segment's block for `size` bytes, or nullptr when the replaced allocator
-// cannot supply one (out of memory, or the pool's max_bytes) even after the
-// pool gave back its cache.
+// Run `out` with g_mu dropped: segments go back to the replaced allocator, pages to the system.
 void run_unlocked(std::unique_lock<std::mutex>& lock, Releases& out) {
   lock.unlock();
   out.run();
   lock.lock();
 }
 
+size_t physical_memory() {
+  static const size_t bytes = [] {
+    long pages = sysconf(_SC_PHYS_PAGES);
+    return pages > 0 ? static_cast<size_t>(pages) * os::page_size() : SIZE_MAX;
+  }();
+  return bytes;
+}
+
+// A new segment's block for `size` bytes, or nullptr when the replaced allocator cannot supply
+// one (out of memory, or the pool's max_bytes) even after the pool gave back its cache. The
+// pool's max_bytes bounds the bytes of its segments (lent, cached, or mapped and not yet
+// touched): every one of them can be lent without another check.
 Block* grow_locked(std::unique_lock<std::mutex>& lock, Pool* pool, size_t size) {
-  {
+  // Giving back cached memory helps only a request that could fit in this machine's memory (and
+  // in max_bytes) at all; for an impossible one it would only throw the working set away.
+  const bool could_fit =
+      size <= physical_memory() && (pool->max_bytes == kNone || size <= static_cast<size_t>(pool->max_bytes));
+  if (could_fit) {
     Releases out;
     pool->release_segments_smaller_than(size, out);
     if (!out.segments.empty()) {
@@ -203,10 +258,10 @@ Block* grow_locked(std::unique_lock<std::mutex>& lock, Pool* pool, size_t size) 
   for (int attempt = 0; attempt < 2; ++attempt) {
     size_t wanted = segment_size(size);
     if (pool->max_bytes != kNone) {
-      size_t held = pool->in_use + pool->committed_free + pool->growing;
+      size_t held = pool->reserved_virtual + pool->growing;
       auto limit = static_cast<size_t>(pool->max_bytes);
-      if (held + wanted > limit) {
-        wanted = held + size <= limit ? size : 0;
+      if (held > limit || wanted > limit - held) {
+        wanted = held <= limit && size <= limit - held ? size : 0;
       }
     }
     if (wanted > 0) {
@@ -214,10 +269,14 @@ Block* grow_locked(std::unique_lock<std::mutex>& lock, Pool* pool, size_t size) 
       lock.unlock();
       c10::DataPtr memory;
       try {
-        if (!g_fail_growth.load(std::memory_order_relaxed)) {
-          memory = g_replaced->allocate(wanted);
+        int failing = g_fail_growth.load(std::memory_order_relaxed);
+        if (failing == 2) {
+          throw 42;  // what a foreign allocator may throw: not a std::exception
         }
-      } catch (const std::exception&) {
+        if (failing == 0) {
+          memory = replaced_allocator()->allocate(wanted);
+        }
+      } catch (...) {
         memory.clear();
       }
       lock.lock();
@@ -228,13 +287,22 @@ Block* grow_locked(std::unique_lock<std::mutex>& lock, Pool* pool, size_t size) 
         return block;
       }
     }
-    if (attempt == 0) {
+    if (attempt == 0 && could_fit) {
       Releases out;
       pool->shrink_to(0, out);
       run_unlocked(lock, out);
+    } else {
+      break;
     }
   }
   return nullptr;
+}
+
+// A taken block that could not be registered goes back to the free set as it was.
+void untake_locked(Block* block) {
+  block->state = BlockState::free;
+  block->committed = block->size;  // an upper bound: it may have been resident
+  block->pool->insert_free(block);
 }
 
 void prepare_fork() {
@@ -251,14 +319,16 @@ c10::DataPtr lend(Scope* top, size_t nbytes) {
   const int64_t start_ns = now_ns();
   // Stacks are gathered before locking: gathering takes the GIL.
   Context context = top->profiling ? gather_traceback() : Context();
-  const size_t size = round_up(nbytes, kGranule);
+  // Larger than any pool can hold (and past where rounding would wrap): never pooled.
+  const bool poolable = nbytes <= kMaxLend;
+  const size_t size = poolable ? round_up(nbytes, kGranule) : nbytes;
   Pool* pool = top->pool.get();
   std::unique_lock<std::mutex> lock(g_mu);
   if (Scope* limiting = over_limit(top, size)) {
     if (limiting->fallback_on_limit) {
       count_fallback_locked(top, pool);
       lock.unlock();
-      return g_replaced->allocate(nbytes);
+      return replaced_allocator()->allocate(nbytes);
     }
     limiting->refused += 1;
     std::string message = limit_message(limiting, size, nbytes);
@@ -272,16 +342,28 @@ c10::DataPtr lend(Scope* top, size_t nbytes) {
     lock.unlock();
     TORCH_CHECK_WITH(OutOfMemoryError, false, message);
   }
-  if (Block* block = pool->take(size)) {
-    return register_locked(top, block, nbytes, true, std::move(context), start_ns);
-  }
-  if (Block* block = grow_locked(lock, pool, size)) {
-    return register_locked(top, block, nbytes, false, std::move(context), start_ns);
+  if (poolable) {
+    Charged charged = charged_scopes(top);
+    bool hit = true;
+    Block* block = pool->take(size);
+    if (block == nullptr) {
+      hit = false;
+      block = grow_locked(lock, pool, size);
+      charged = charged_scopes(top);  // a scope may have closed while the lock was dropped
+    }
+    if (block != nullptr) {
+      try {
+        return register_locked(charged, block, nbytes, hit, std::move(context), start_ns);
+      } catch (...) {
+        untake_locked(block);
+        throw;
+      }
+    }
   }
   count_fallback_locked(top, pool);
   lock.unlock();
   // PyTorch's own allocator serves it, or raises its own error for it.
-  return g_replaced->allocate(nbytes);
+  return replaced_allocator()->allocate(nbytes);
 }
 
 bool install() {
@@ -290,8 +372,8 @@ bool install() {
     if (current == &g_allocator) {
       return true;
     }
-    g_replaced = current;
-    g_replaced_raw = current->raw_deleter();
+    g_replaced_raw.store(current->raw_deleter(), std::memory_order_release);
+    g_replaced.store(current, std::memory_order_release);
     // Take over at the lowest priority that is allowed to replace the current allocator.
     for (int priority = 0; priority < 256 && c10::GetCPUAllocator() != &g_allocator; ++priority) {
       c10::SetCPUAllocator(&g_allocator, static_cast<uint8_t>(priority));
@@ -303,15 +385,19 @@ bool install() {
 }
 
 bool installed() {
-  return g_replaced != nullptr && c10::GetCPUAllocator() == &g_allocator;
+  return replaced_allocator() != nullptr && c10::GetCPUAllocator() == &g_allocator;
 }
 
 c10::Allocator* replaced() {
-  return g_replaced;
+  return replaced_allocator();
 }
 
-void fail_growth(bool on) {
-  g_fail_growth.store(on, std::memory_order_relaxed);
+void fail_growth(int mode) {
+  g_fail_growth.store(mode, std::memory_order_relaxed);
+}
+
+void fail_next_register() {
+  g_fail_register.store(true);
 }
 
 void register_pool(const std::shared_ptr<Pool>& pool) {
@@ -322,7 +408,7 @@ void register_pool(const std::shared_ptr<Pool>& pool) {
 }
 
 void enter(const std::shared_ptr<Scope>& scope) {
-  scope->parent = t_stack.empty() ? nullptr : t_stack.back();
+  scope->parent = t_stack.scopes.empty() ? nullptr : t_stack.scopes.back();
   scope->profiling = scope->own_profiling || (scope->parent && scope->parent->profiling);
   scope->owner = std::this_thread::get_id();
   {
@@ -330,7 +416,7 @@ void enter(const std::shared_ptr<Scope>& scope) {
     scope->active = true;
     scope->closed = false;
   }
-  t_stack.push_back(scope);
+  t_stack.scopes.push_back(scope);
   t_top = scope.get();
 }
 
@@ -338,20 +424,20 @@ ExitResult exit(const std::shared_ptr<Scope>& scope) {
   if (scope->owner != std::this_thread::get_id()) {
     return ExitResult::wrong_thread;
   }
-  auto it = std::find(t_stack.begin(), t_stack.end(), scope);
-  if (it == t_stack.end()) {
+  auto it = std::find(t_stack.scopes.begin(), t_stack.scopes.end(), scope);
+  if (it == t_stack.scopes.end()) {
     return ExitResult::not_active;
   }
   // Out of order (a generator's scope closed inside its caller's): the others stay open.
-  t_stack.erase(it);
-  t_top = t_stack.empty() ? nullptr : t_stack.back().get();
+  t_stack.scopes.erase(it);
+  t_top = t_stack.scopes.empty() ? nullptr : t_stack.scopes.back().get();
   std::vector<std::shared_ptr<Pool>> pools;
   Releases out;
   {
     std::lock_guard<std::mutex> lock(g_mu);
     scope->active = false;
     scope->closed = true;
-    if (t_stack.empty() && scope->ticks) {
+    if (t_stack.scopes.empty() && scope->ticks) {
       for (auto& weak : g_pools) {
         if (auto pool = weak.lock()) {
           pool->tick(out);
@@ -365,7 +451,7 @@ ExitResult exit(const std::shared_ptr<Scope>& scope) {
 }
 
 size_t thread_depth() {
-  return t_stack.size();
+  return t_stack.scopes.size();
 }
 
 std::vector<const Block*> live_blocks_locked(const Scope* scope) {

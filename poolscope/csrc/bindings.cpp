@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "engine.h"
+#include "test_hooks.h"
 #include "torch_compat.h"
 
 namespace py = pybind11;
@@ -205,30 +206,50 @@ py::list describe(const std::vector<BlockInfo>& infos, const std::vector<uintptr
 }
 
 py::dict scope_stats(Scope& scope) {
-  std::lock_guard<std::mutex> lock(g_mu);
+  // Copied under the lock, converted after it: making Python objects can run a garbage
+  // collection, which can free a pooled tensor, whose deleter takes the lock.
+  Scope figures;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    figures.routed = scope.routed;
+    figures.routed_bytes = scope.routed_bytes;
+    figures.hits = scope.hits;
+    figures.misses = scope.misses;
+    figures.fallbacks = scope.fallbacks;
+    figures.refused = scope.refused;
+    figures.live_bytes = scope.live_bytes;
+    figures.live_blocks = scope.live_blocks;
+    figures.peak_bytes = scope.peak_bytes;
+    figures.alloc_ns = scope.alloc_ns;
+  }
   py::dict d;
-  d["allocations_routed"] = scope.routed;
-  d["bytes_routed"] = scope.routed_bytes;
-  d["hits"] = scope.hits;
-  d["misses"] = scope.misses;
-  d["fallbacks"] = scope.fallbacks;
-  d["refused"] = scope.refused;
-  d["bytes_in_use"] = scope.live_bytes;
-  d["blocks_in_use"] = scope.live_blocks;
-  d["peak_bytes_in_use"] = scope.peak_bytes;
-  d["alloc_seconds"] = static_cast<double>(scope.alloc_ns) * 1e-9;
+  d["allocations_routed"] = figures.routed;
+  d["bytes_routed"] = figures.routed_bytes;
+  d["hits"] = figures.hits;
+  d["misses"] = figures.misses;
+  d["fallbacks"] = figures.fallbacks;
+  d["refused"] = figures.refused;
+  d["bytes_in_use"] = figures.live_bytes;
+  d["blocks_in_use"] = figures.live_blocks;
+  d["peak_bytes_in_use"] = figures.peak_bytes;
+  d["alloc_seconds"] = static_cast<double>(figures.alloc_ns) * 1e-9;
   return d;
 }
 
 }  // namespace
 
+#define POOLSCOPE_STR2(x) #x
+#define POOLSCOPE_STR(x) POOLSCOPE_STR2(x)
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "poolscope's native engine (CPU allocator, pools, scopes)";
+  // What the loader checks: this library was built from the sources and torch it expects.
+  m.attr("build_digest") = POOLSCOPE_STR(POOLSCOPE_BUILD_DIGEST);
+  register_test_hooks(m);
   enable_python_tracebacks();
 
   m.def("install", &install, "Install the allocator (once); true when it serves CPU allocations.");
   m.def("installed", &installed, "Whether poolscope's allocator is PyTorch's CPU allocator now.");
-  m.def("fail_growth", &fail_growth, "Test hook: make pool growth fail as if out of memory.");
   m.def("thread_depth", &thread_depth, "Open scopes on the calling thread.");
 
   // Called by the with-statement through functools.partial: no Python frame runs

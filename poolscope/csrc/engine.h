@@ -27,7 +27,7 @@ namespace poolscope {
 
 constexpr size_t kGranule = 512;            // block sizes and offsets: 64-byte alignment and more
 constexpr size_t kMinSegment = size_t{2} << 20;
-constexpr size_t kPage = 4096;
+constexpr size_t kMaxLend = size_t{1} << 62;  // larger requests are never pooled (no pool could hold one)
 constexpr size_t kTraceLimit = 100000;      // events kept per pool while profiling
 constexpr int64_t kNone = -1;               // "no limit" for the int64 settings below
 
@@ -187,7 +187,8 @@ void enter(const std::shared_ptr<Scope>& scope);
 ExitResult exit(const std::shared_ptr<Scope>& scope);
 size_t thread_depth();
 c10::DataPtr lend(Scope* top, size_t nbytes);
-void fail_growth(bool on);  // test hook: growing a pool fails as if out of memory
+void fail_growth(int mode);  // test hook: growing a pool fails (1: out of memory, 2: a non-std exception)
+void fail_next_register();  // test hook: the next lend runs out of memory after taking its block
 
 // Blocks still lent on behalf of `scope` (or of every scope when null), by address; under g_mu.
 std::vector<const Block*> live_blocks_locked(const Scope* scope);

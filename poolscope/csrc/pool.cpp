@@ -2,8 +2,7 @@
 // coalesced when blocks come back, and given back to the system when the
 // working set shrinks.
 #include "engine.h"
-
-#include <sys/mman.h>
+#include "os.h"
 
 #include <algorithm>
 #include <chrono>
@@ -13,10 +12,6 @@ namespace poolscope {
 namespace {
 
 constexpr size_t kMinSplit = size_t{1} << 20;
-
-size_t round_down(size_t n, size_t to) {
-  return n / to * to;
-}
 
 size_t round_up(size_t n, size_t to) {
   return (n + to - 1) / to * to;
@@ -35,16 +30,6 @@ uint64_t merged_epoch(const Block* a, const Block* b) {
   return std::min(a->freed_epoch, b->freed_epoch);
 }
 
-// Drop the resident pages of [addr, addr + size) that lie wholly inside it.
-void decommit(char* addr, size_t size) {
-  auto start = reinterpret_cast<uintptr_t>(addr);
-  uintptr_t first = round_up(start, kPage);
-  uintptr_t last = round_down(start + size, kPage);
-  if (last > first) {
-    madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
-  }
-}
-
 }  // namespace
 
 int64_t now_us() {
@@ -56,13 +41,13 @@ void Releases::run() {
   for (auto& segment : segments) {
     // The replaced allocator may keep the memory (glibc's heap does for
     // mid-sized blocks), so drop the pages first: the resident size falls either way.
-    decommit(segment->base, segment->size);
+    os::drop_pages(segment->base, segment->size);
     segment->memory.clear();
   }
   segments.clear();
   if (!decommit_blocks.empty()) {
     for (Block* block : decommit_blocks) {
-      decommit(block->addr, block->size);
+      os::drop_pages(block->addr, block->size);
     }
     std::lock_guard<std::mutex> lock(g_mu);
     for (Block* block : decommit_blocks) {

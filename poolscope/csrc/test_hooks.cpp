@@ -1,0 +1,86 @@
+// Hooks for poolscope's own tests (the `_test` submodule of the extension): faults injected at
+// points a test cannot reach from Python, and probes of conditions it cannot create there.
+// Nothing here runs unless a test calls it.
+#include "test_hooks.h"
+
+#include <c10/core/CPUAllocator.h>
+
+#include <atomic>
+#include <thread>
+
+#include "engine.h"
+#include "os.h"
+
+namespace py = pybind11;
+
+namespace poolscope {
+
+namespace {
+
+std::atomic<int> g_probe_result{-1};
+
+// Constructed before the thread's scope stack, so destroyed after it, at thread exit.
+struct AllocatesWhenDestroyed {
+  Pool* pool = nullptr;
+  ~AllocatesWhenDestroyed() {
+    if (pool == nullptr) {
+      return;
+    }
+    int64_t before, after;
+    {
+      std::lock_guard<std::mutex> lock(g_mu);
+      before = pool->blocks_in_use;
+    }
+    c10::DataPtr memory = c10::GetCPUAllocator()->allocate(size_t{2} << 20);
+    {
+      std::lock_guard<std::mutex> lock(g_mu);
+      after = pool->blocks_in_use;
+    }
+    g_probe_result.store(after > before ? 1 : 0);
+  }
+};
+
+thread_local AllocatesWhenDestroyed t_probe;
+
+}  // namespace
+
+void register_test_hooks(py::module_& m) {
+  auto t = m.def_submodule("_test", "Test hooks: fault injection and probes (poolscope's own tests only).");
+  t.def("fail_growth", &fail_growth, py::arg("mode"),
+        "Growing a pool fails: 0 no longer, 1 as if out of memory, 2 with an exception that is not a std::exception.");
+  t.def("fail_next_register", &fail_next_register, "The next lend runs out of memory after its block was taken.");
+  t.def("simulate_page_size", &os::simulate_page_size, py::arg("page"),
+        "Drop pages as a kernel with this page size would (0: the real kernel).");
+  t.def("page_size", &os::page_size);
+  t.def("refused_drops", &os::refused_drops);
+  t.def(
+      "try_allocate",
+      [](size_t nbytes) -> py::object {
+        // The CPU allocator called as C++ code calls it, with any size_t.
+        try {
+          c10::DataPtr memory = c10::GetCPUAllocator()->allocate(nbytes);
+          return py::none();
+        } catch (const std::exception& exc) {
+          return py::str(exc.what());
+        }
+      },
+      py::arg("nbytes"), py::call_guard<py::gil_scoped_release>());
+  t.def(
+      "allocate_at_thread_exit",
+      [](const std::shared_ptr<Pool>& pool, int64_t threshold) {
+        // A thread exits with a scope open; a thread-local destructor that runs after its scope
+        // stack is gone allocates 2 MiB. True when that allocation was lent by the pool.
+        g_probe_result.store(-1);
+        std::thread([pool, threshold] {
+          t_probe.pool = pool.get();
+          auto scope = std::make_shared<Scope>();
+          scope->pool = pool;
+          scope->threshold = static_cast<size_t>(threshold);
+          enter(scope);
+        }).join();
+        return g_probe_result.load() == 1;
+      },
+      py::arg("pool"), py::arg("threshold"), py::call_guard<py::gil_scoped_release>());
+}
+
+}  // namespace poolscope

@@ -1,0 +1,176 @@
+"""The native engine in its corners: the lock and Python, page sizes, sizes near the top of size_t,
+pool caps, thread exit, out of memory mid-lend, foreign exceptions. Each test is named after the
+behaviour that, missing, was a silent corruption or a hang (see docs/guarantees.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import poolscope
+from poolscope._engine import engine_for
+
+pytestmark = pytest.mark.pools
+MiB = 1 << 20
+SIZE_MAX = (1 << 64) - 1
+
+
+def native():
+    return engine_for(torch.device("cpu")).module
+
+
+def test_scope_figures_are_read_without_holding_the_lock_while_python_runs(tmp_path):
+    # Making the figures' dict can collect garbage; here it frees a pooled tensor, whose deleter
+    # takes the engine's lock: had the dict been made under that lock, this thread would hang.
+    program = tmp_path / "cycle.py"
+    program.write_text(textwrap.dedent("""
+        import gc, torch, poolscope
+
+        class Holder:
+            pass
+
+        with poolscope.pool_scope() as s:
+            gc.disable()
+            h = Holder()
+            h.self = h
+            h.t = torch.empty(1 << 20)  # a pooled tensor only a reference cycle keeps alive
+            del h
+            stats = s._backend.stats
+            keep = [{} for _ in range(10000)]  # the dict free list is empty: the next dict is allocated
+            gc.set_threshold(1)
+            gc.enable()
+            figures = stats()
+            gc.set_threshold(700)
+        print("routed", figures["allocations_routed"], "in use", poolscope.get_pool().stats().bytes_in_use)
+    """))
+    out = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["routed", "1", "in", "use", "0"]
+
+
+@pytest.mark.parametrize("page", [16 << 10, 64 << 10])
+def test_dropping_pages_never_touches_a_live_neighbour_under_larger_kernel_pages(page):
+    pool = poolscope.TensorPool("cpu")
+    refused = native()._test.refused_drops()
+    native()._test.simulate_page_size(page)
+    try:
+        with poolscope.pool_scope(pool=pool):
+            torch.empty(8 * MiB, dtype=torch.uint8)  # dies at once: one free 8 MiB segment to carve
+            # Three blocks of it, odd sizes, so that no block starts on a large-page boundary.
+            left = torch.full((MiB + 4096 + 512,), 1, dtype=torch.uint8)
+            middle = torch.full((3 * MiB + 1536,), 2, dtype=torch.uint8)
+            right = torch.full((MiB + 2560,), 3, dtype=torch.uint8)
+        segments = pool.segments()
+        assert len(segments) == 1, "the test needs the three blocks in one segment"
+        del middle
+        before = pool.stats().bytes_released
+        pool.empty_cache()  # the free middle block's pages go back; its neighbours stay lent
+        released = pool.stats().bytes_released - before
+    finally:
+        native()._test.simulate_page_size(0)
+    assert torch.all(left == 1) and torch.all(right == 3), "a live neighbour's bytes were zeroed"
+    assert native()._test.refused_drops() == refused, "the kernel refused a range: nothing was given back"
+    assert released > 0
+    del left, right
+
+
+def test_the_page_size_is_the_kernels():
+    import mmap
+
+    assert native()._test.page_size() == mmap.PAGESIZE
+
+
+@pytest.mark.parametrize("nbytes", [SIZE_MAX, SIZE_MAX - 1, SIZE_MAX - 511, SIZE_MAX - 512, (1 << 63) + 1, (1 << 62) + 1])
+def test_sizes_near_the_top_of_size_t_are_refused_not_lent_as_empty_blocks(nbytes):
+    pool = poolscope.TensorPool("cpu")
+    with poolscope.pool_scope(pool=pool):
+        error = native()._test.try_allocate(nbytes)
+        a = torch.empty(2 * MiB, dtype=torch.uint8)
+        b = torch.empty(2 * MiB, dtype=torch.uint8)
+    assert error is not None, "an impossible allocation succeeded"
+    assert a.data_ptr() != b.data_ptr()
+    stats = pool.stats()
+    assert stats.blocks_in_use == 2 and stats.bytes_in_use == 4 * MiB
+    del a, b
+    assert pool.stats().blocks_in_use == 0
+
+
+def test_a_pools_max_bytes_bounds_everything_it_maps():
+    cap = 3 * MiB
+    pool = poolscope.TensorPool("cpu", max_bytes=cap)
+    with poolscope.pool_scope(pool=pool):
+        kept = [torch.empty(n, dtype=torch.uint8) for n in (MiB, 3 * MiB // 2, MiB)]
+        stats = pool.stats()
+        mapped = sum(segment["total_size"] for segment in pool.segments())
+    assert stats.bytes_in_use <= cap and mapped <= cap, (stats, mapped)
+    assert stats.bytes_in_use + stats.bytes_cached <= cap
+    assert pool.stats().fallbacks >= 1  # what did not fit went to the ordinary allocator
+    del kept
+
+
+def test_a_size_near_2_to_the_63_is_refused_by_the_scopes_max_bytes_and_keeps_the_cache():
+    pool = poolscope.TensorPool("cpu")
+    with poolscope.pool_scope(pool=pool):
+        warm = torch.empty(3 * MiB, dtype=torch.uint8)
+    del warm
+    cached = pool.stats().bytes_cached
+    assert cached >= 3 * MiB
+    with pytest.raises(poolscope.ScopeLimitError, match="max_bytes=4194304"):
+        with poolscope.pool_scope(pool=pool, max_bytes="4MiB"):
+            torch.empty((1 << 63) - 1, dtype=torch.uint8)
+    assert pool.stats().bytes_cached == cached
+
+
+def test_an_impossible_request_inside_a_scope_keeps_the_pools_cache():
+    pool = poolscope.TensorPool("cpu")
+    with poolscope.pool_scope(pool=pool):
+        warm = torch.empty(3 * MiB, dtype=torch.uint8)
+    del warm
+    cached = pool.stats().bytes_cached
+    with poolscope.pool_scope(pool=pool):
+        with pytest.raises(RuntimeError):
+            torch.empty(1 << 50, dtype=torch.uint8)  # a PiB: more than this machine could ever hold
+    assert pool.stats().bytes_cached == cached
+
+
+def test_an_allocation_after_the_threads_scope_stack_died_is_not_pooled():
+    pool = poolscope.TensorPool("cpu")
+    with poolscope.pool_scope(pool=pool):  # installs the allocator
+        pass
+    assert native()._test.allocate_at_thread_exit(pool._backend, 0) is False
+    assert pool.stats().blocks_in_use == 0
+
+
+def test_running_out_of_memory_mid_lend_puts_the_block_back():
+    pool = poolscope.TensorPool("cpu")
+    with poolscope.pool_scope(pool=pool) as scope:
+        warm = torch.empty(2 * MiB, dtype=torch.uint8)
+        del warm
+        native()._test.fail_next_register()
+        with pytest.raises(RuntimeError):
+            torch.empty(2 * MiB, dtype=torch.uint8)
+        stats = pool.stats()
+        assert stats.blocks_in_use == 0 and stats.bytes_in_use == 0 and stats.segments == 1
+        again = torch.empty(2 * MiB, dtype=torch.uint8)  # the same block, lent again
+    assert pool.stats().hits == 1 and pool.stats().segments == 1
+    assert scope.stats.bytes_in_use == 2 * MiB
+    del again
+    assert pool.stats().blocks_in_use == 0
+
+
+def test_a_foreign_exception_from_the_replaced_allocator_does_not_block_later_growth():
+    pool = poolscope.TensorPool("cpu", max_bytes="8MiB")
+    with poolscope.pool_scope(pool=pool):
+        native()._test.fail_growth(2)
+        try:
+            x = torch.empty(2 * MiB, dtype=torch.uint8)  # the ordinary allocator serves it
+        finally:
+            native()._test.fail_growth(0)
+        ys = [torch.empty(2 * MiB, dtype=torch.uint8) for _ in range(3)]  # 6 of the 8 MiB: pooled
+    stats = pool.stats()
+    assert stats.fallbacks == 1 and stats.blocks_in_use == 3, stats
+    del x, ys
