@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -38,9 +39,11 @@ from ._torch_compat import cxx11_abi
 
 __all__ = ["BuildError", "build_dir", "load"]
 
-_SOURCES = ("os.cpp", "pool.cpp", "allocator.cpp", "torch_compat.cpp", "test_hooks.cpp", "bindings.cpp")
+_SOURCES = ("os.cpp", "pool.cpp", "releaser.cpp", "allocator.cpp", "torch_compat.cpp", "test_hooks.cpp", "bindings.cpp")
 _HEADERS = ("engine.h", "os.h", "test_hooks.h", "torch_compat.h")
 _CFLAGS = ("-O2",)
+# Extra compile and link flags, for sanitizer builds (scripts/sanitize); part of the cache key.
+_EXTRA_FLAGS_ENV = "POOLSCOPE_EXTRA_CFLAGS"
 _NAME = "poolscope_native"
 _STAMP = "built.ok"
 # Platforms the engine is built and tested on; elsewhere scopes pass through and say why.
@@ -81,9 +84,13 @@ def _digest() -> str:
             ) from exc
         digest.update(name.encode())
         digest.update(data)
-    digest.update(" ".join(_CFLAGS).encode())
+    digest.update(" ".join(_flags()).encode())
     digest.update(f"{torch.__version__} {int(cxx11_abi())} {sys.version_info[:2]}".encode())
     return digest.hexdigest()[:12]
+
+
+def _flags() -> list[str]:
+    return [*_CFLAGS, *shlex.split(os.environ.get(_EXTRA_FLAGS_ENV, ""))]
 
 
 def _tag(digest: str) -> str:
@@ -162,7 +169,8 @@ def _compile(where: Path, digest: str, verbose: bool) -> ModuleType:
         cpp_extension.load(
             _NAME,
             [str(_csrc() / name) for name in _SOURCES],
-            extra_cflags=[*_CFLAGS, f"-DPOOLSCOPE_BUILD_DIGEST={digest}"],
+            extra_cflags=[*_flags(), f"-DPOOLSCOPE_BUILD_DIGEST={digest}"],
+            extra_ldflags=_flags()[len(_CFLAGS):],
             build_directory=str(where),
             verbose=verbose,
         )

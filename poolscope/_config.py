@@ -14,6 +14,10 @@ from ._errors import PoolscopeTypeError, PoolscopeValueError
 
 BUILTIN_THRESHOLD = 1 << 20  # 1 MiB, the rule of the hand-written pools poolscope replaces
 BUILTIN_RELEASE_AFTER = 100
+# Cached memory unused this long goes back by itself: well above the pauses of a loop that keeps
+# its working set (2 s between steps), well below "an idle spike is back within a minute"; the
+# decay jemalloc uses by default (dirty_decay_ms=10000). See docs/memory.md.
+BUILTIN_RELEASE_IDLE_S = 10.0
 CAPTURE_MODES = ("all", "factories")
 ON_LIMIT = ("raise", "fallback")
 ENGINES = ("native", "passthrough")
@@ -76,6 +80,27 @@ def parse_threshold(value: object) -> int:
 def parse_limit(value: object, what: str) -> Optional[int]:
     """A byte limit, or None for no limit."""
     return None if value is None else parse_bytes(value, what)
+
+
+def parse_seconds(value: object, what: str) -> Optional[float]:
+    """A duration in seconds > 0, or None for "never" (0 means never too)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _type_error(what, "a finite number of seconds >= 0, or None (0 and None turn it off)", value)
+    if value < 0:
+        raise PoolscopeValueError(f"{what} must be >= 0 seconds (0 or None turn it off); got {value}")
+    return None if value == 0 else float(value)
+
+
+def _parse_seconds_env(raw: str) -> Optional[float]:
+    if raw.lower() in ("none", "off", "never"):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise PoolscopeValueError(f"release_idle_s must be a number of seconds, 0, or 'none'; got {raw!r}") from None
+    return parse_seconds(value, "release_idle_s")
 
 
 def parse_count(value: object, what: str) -> int:
@@ -168,6 +193,10 @@ class Environment:
         self.max_cached = _env_value(env, "POOLSCOPE_MAX_CACHED", _parse_cap)
         release_after = _env_value(env, "POOLSCOPE_RELEASE_AFTER", lambda s: parse_count(int(s), "release_after"))
         self.release_after = BUILTIN_RELEASE_AFTER if release_after is None else release_after
+        unset = "POOLSCOPE_RELEASE_IDLE_S" not in env or not env["POOLSCOPE_RELEASE_IDLE_S"].strip()
+        self.release_idle_s = (
+            BUILTIN_RELEASE_IDLE_S if unset else _env_value(env, "POOLSCOPE_RELEASE_IDLE_S", _parse_seconds_env)
+        )
         self.engine = _env_value(env, "POOLSCOPE_ENGINE", _parse_engine)
         self.cache_dir = env.get("POOLSCOPE_CACHE_DIR") or None
 
@@ -188,6 +217,8 @@ def load_environment(env: Mapping[str, str]) -> Environment:
     POOLSCOPE_THRESHOLD: the default threshold, e.g. "4MiB".
     POOLSCOPE_MAX_CACHED: the default max_cached_bytes of get_pool()'s pools, or "none".
     POOLSCOPE_RELEASE_AFTER: outermost-scope exits that size a pool's working set (default 100).
+    POOLSCOPE_RELEASE_IDLE_S: seconds after which unused cached memory goes back by itself (default 10;
+        0 or "none" turns it off).
     POOLSCOPE_ENGINE: "native" (fail loudly if it cannot be built) or "passthrough"; unset picks native
         and falls back to passthrough with one warning.
     POOLSCOPE_CACHE_DIR: where the native engine is built (default ~/.cache/poolscope).

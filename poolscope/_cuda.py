@@ -22,7 +22,8 @@ threads, which a scope does not route (as with ``use_mem_pool``).
 from __future__ import annotations
 
 import threading
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -43,26 +44,35 @@ class _Stacks(threading.local):
 class CudaPool:
     """One device's private pool: a MemPool, made on first use."""
 
-    def __init__(self, engine: CudaEngine, device: torch.device, max_cached: int, max_bytes: int, release_after: int) -> None:
+    def __init__(
+        self, engine: CudaEngine, device: torch.device, max_cached: int, max_bytes: int, release_after: int,
+        release_idle_us: int,
+    ) -> None:
         self._engine = engine
         self.device_index = device.index or 0
         self._mempool: Any = None
         self.idle_exits = 0
         self.open_scopes = 0  # in every thread; under the engine's lock
-        self.configure(max_cached, max_bytes, release_after)
+        self.last_used = engine.clock()
+        self.released = {"exits": 0, "time": 0}
+        self.configure(max_cached, max_bytes, release_after, release_idle_us)
 
     def mempool(self) -> Any:
         if self._mempool is None:
             self._mempool = self._engine.api.new_pool()
         return self._mempool
 
-    def configure(self, max_cached: int, max_bytes: int, release_after: int) -> None:
+    def configure(self, max_cached: int, max_bytes: int, release_after: int, release_idle_us: int) -> None:
         self.release_after = release_after
+        self.release_idle_s: Optional[float] = None if release_idle_us < 0 else release_idle_us * 1e-6
         self._limits = {
             "max_cached_bytes": None if max_cached < 0 else max_cached,
             "max_bytes": None if max_bytes < 0 else max_bytes,
             "release_after": release_after,
+            "release_idle_s": self.release_idle_s,
         }
+        if self._mempool is not None and self.release_idle_s is not None:
+            self._engine.schedule()
 
     def blocks(self) -> list[dict[str, Any]]:
         if self._mempool is None:
@@ -88,14 +98,16 @@ class CudaPool:
             "hits": 0,
             "misses": 0,
             "evictions": 0,
-            "bytes_released": 0,
+            "bytes_released": self.released["exits"] + self.released["time"],
+            "bytes_released_by_exits": self.released["exits"],
+            "bytes_released_by_time": self.released["time"],
             "fallbacks": 0,
             "exits": 0,
             "working_set_bytes": 0,
             **self._limits,
         }
 
-    def release(self, everything: bool) -> None:
+    def release(self, everything: bool, reason: Optional[str] = None) -> None:
         """Hand the pool's memory back to PyTorch's allocator once nothing in it is in use.
 
         Dropping the MemPool makes its segments freeable; ``torch.cuda.empty_cache`` frees them
@@ -103,8 +115,11 @@ class CudaPool:
         """
         if self._mempool is None or self.open_scopes or any(b["state"] == ACTIVE for b in self.blocks()):
             return
+        held = sum(s["total_size"] for s in self.segments())
         self._mempool = None
         self._engine.api.empty_cache()
+        if reason is not None:
+            self.released[reason] += held
 
     def segments(self) -> list[dict[str, Any]]:
         return [] if self._mempool is None else self._engine.api.segments(self._mempool)
@@ -196,11 +211,14 @@ class CudaScope:
 class CudaEngine(PythonPushPop):
     name = "mempool"
 
-    def __init__(self, api: Any) -> None:
+    def __init__(self, api: Any, clock: Callable[[], float] = time.monotonic) -> None:
         self.api = api
+        self.clock = clock
         self._stacks = _Stacks()
         self.lock = threading.Lock()
         self._pools: list[CudaPool] = []
+        self._wake = threading.Event()
+        self._releaser: Optional[threading.Thread] = None
 
     def stack(self, device_index: int) -> list[CudaScope]:
         return self._stacks.by_device.setdefault(device_index, [])
@@ -209,13 +227,48 @@ class CudaEngine(PythonPushPop):
         """Count an outermost exit; a pool unused for ``release_after`` of them is handed back."""
         with self.lock:
             pools = list(self._pools)
+        used.last_used = self.clock()
         for pool in pools:
             pool.idle_exits = 0 if pool is used else pool.idle_exits + 1
             if pool.idle_exits > pool.release_after:
-                pool.release(everything=True)
+                pool.release(everything=True, reason="exits")
+        self.schedule()
 
-    def new_pool(self, device: torch.device, max_cached: int, max_bytes: int, release_after: int) -> CudaPool:
-        pool = CudaPool(self, device, max_cached, max_bytes, release_after)
+    def release_idle(self) -> Optional[float]:
+        """Hand back every pool nothing used for its ``release_idle_s``; return the next deadline (None: none)."""
+        now = self.clock()
+        with self.lock:
+            pools = list(self._pools)
+        deadlines = []
+        for pool in pools:
+            if pool.release_idle_s is None or pool.segments() == []:
+                continue
+            due = pool.last_used + pool.release_idle_s
+            if due <= now:
+                pool.release(everything=True, reason="time")
+            if pool.segments():
+                deadlines.append(max(due, now + pool.release_idle_s / 10))  # busy now: look again later
+        return min(deadlines, default=None)
+
+    def schedule(self) -> None:
+        """Make sure the idle releaser runs (a daemon thread, asleep until the next deadline)."""
+        with self.lock:
+            if self._releaser is None or not self._releaser.is_alive():
+                self._releaser = threading.Thread(target=self._release_loop, name="poolscope-cuda-releaser", daemon=True)
+                self._releaser.start()
+        self._wake.set()
+
+    def _release_loop(self) -> None:
+        while True:
+            deadline = self.release_idle()
+            timeout = None if deadline is None else max(0.0, deadline - self.clock())
+            self._wake.wait(timeout)
+            self._wake.clear()
+
+    def new_pool(
+        self, device: torch.device, max_cached: int, max_bytes: int, release_after: int, release_idle_us: int
+    ) -> CudaPool:
+        pool = CudaPool(self, device, max_cached, max_bytes, release_after, release_idle_us)
         with self.lock:
             self._pools.append(pool)
         return pool

@@ -31,7 +31,7 @@ NO_LIMIT = -1
 class PoolBackend(Protocol):
     """A cache of one device's memory. Limits are byte counts, ``NO_LIMIT`` for none."""
 
-    def configure(self, max_cached: int, max_bytes: int, release_after: int) -> None: ...
+    def configure(self, max_cached: int, max_bytes: int, release_after: int, release_idle_us: int) -> None: ...
 
     def stats(self) -> dict[str, Any]: ...
 
@@ -77,7 +77,9 @@ class Engine(Protocol):
     @property
     def exit_then(self) -> Callable[..., Any]: ...
 
-    def new_pool(self, device: torch.device, max_cached: int, max_bytes: int, release_after: int) -> PoolBackend: ...
+    def new_pool(
+        self, device: torch.device, max_cached: int, max_bytes: int, release_after: int, release_idle_us: int
+    ) -> PoolBackend: ...
 
     def new_scope(
         self,

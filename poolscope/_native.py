@@ -32,8 +32,10 @@ class NativeEngine:
     def exit_then(self) -> Any:
         return self._module.exit_then
 
-    def new_pool(self, device: torch.device, max_cached: int, max_bytes: int, release_after: int) -> Any:
-        return self._module.Pool(str(device), max_cached, max_bytes, release_after)
+    def new_pool(
+        self, device: torch.device, max_cached: int, max_bytes: int, release_after: int, release_idle_us: int
+    ) -> Any:
+        return self._module.Pool(str(device), max_cached, max_bytes, release_after, release_idle_us)
 
     def new_scope(
         self, pool: Any, threshold: int, max_bytes: int, fallback: bool, profiling: bool, name: str, ticks: bool

@@ -17,7 +17,8 @@ __all__ = ["ENGINE"]
 
 _POOL_FIGURES = (
     "bytes_in_use bytes_requested bytes_cached bytes_reserved bytes_mapped peak_bytes_in_use blocks_in_use "
-    "blocks_cached segments hits misses evictions bytes_released fallbacks exits working_set_bytes"
+    "blocks_cached segments hits misses evictions bytes_released bytes_released_by_exits bytes_released_by_time "
+    "fallbacks exits working_set_bytes"
 ).split()
 _SCOPE_FIGURES = (
     "allocations_routed bytes_routed hits misses fallbacks refused bytes_in_use blocks_in_use peak_bytes_in_use"
@@ -25,14 +26,15 @@ _SCOPE_FIGURES = (
 
 
 class _Pool:
-    def __init__(self, max_cached: int, max_bytes: int, release_after: int) -> None:
-        self.configure(max_cached, max_bytes, release_after)
+    def __init__(self, max_cached: int, max_bytes: int, release_after: int, release_idle_us: int) -> None:
+        self.configure(max_cached, max_bytes, release_after, release_idle_us)
 
-    def configure(self, max_cached: int, max_bytes: int, release_after: int) -> None:
+    def configure(self, max_cached: int, max_bytes: int, release_after: int, release_idle_us: int) -> None:
         self._limits = {
             "max_cached_bytes": None if max_cached < 0 else max_cached,
             "max_bytes": None if max_bytes < 0 else max_bytes,
             "release_after": release_after,
+            "release_idle_s": None if release_idle_us < 0 else release_idle_us * 1e-6,
         }
 
     def stats(self) -> dict[str, Any]:
@@ -79,8 +81,10 @@ class _Scope:
 class PassthroughEngine(PythonPushPop):
     name = "passthrough"
 
-    def new_pool(self, device: torch.device, max_cached: int, max_bytes: int, release_after: int) -> _Pool:
-        return _Pool(max_cached, max_bytes, release_after)
+    def new_pool(
+        self, device: torch.device, max_cached: int, max_bytes: int, release_after: int, release_idle_us: int
+    ) -> _Pool:
+        return _Pool(max_cached, max_bytes, release_after, release_idle_us)
 
     def new_scope(
         self, pool: Any, threshold: int, max_bytes: int, fallback: bool, profiling: bool, name: str, ticks: bool

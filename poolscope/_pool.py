@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import torch
 
-from ._config import ENV, ByteSize, DeviceLike, parse_count, parse_device, parse_limit
+from ._config import ENV, ByteSize, DeviceLike, parse_count, parse_device, parse_limit, parse_seconds
 from ._frames import clean_blocks
 from ._engine import NO_LIMIT, Engine, PoolBackend, engine_for
 from ._stats import PoolStats
@@ -24,13 +24,19 @@ def _limit(value: Optional[int]) -> int:
     return NO_LIMIT if value is None else value
 
 
+def _micros(seconds: Optional[float]) -> int:
+    return NO_LIMIT if seconds is None else max(1, round(seconds * 1e6))
+
+
 class TensorPool:
     """A cache of memory blocks on one device, lent to the large tensors that scopes route to it.
 
     Blocks come back on their own when the last reference to their memory
-    dies; there is no deallocate. Idle memory stays cached while the working
-    set needs it (the most bytes in use between two outermost-scope exits, over
-    the last ``release_after`` exits) and goes back to the system after that.
+    dies; there is no deallocate. Cached memory goes back to the system when
+    no allocation reused it during the last ``release_after`` outermost-scope
+    exits, or when nothing used it for ``release_idle_s`` seconds, whichever
+    comes first: the second needs no call and no scope exit (a background
+    thread of the native engine does it).
 
     Example::
 
@@ -49,6 +55,8 @@ class TensorPool:
         release_after: outermost-scope exits that size the working set (default 100,
             or POOLSCOPE_RELEASE_AFTER); 0 gives every idle block back at each
             outermost exit.
+        release_idle_s: seconds after which cached memory nothing used goes back by
+            itself (default 10, or POOLSCOPE_RELEASE_IDLE_S); None or 0 turns it off.
 
     Raises:
         PoolscopeTypeError, PoolscopeValueError: for a bad device, cap or count.
@@ -65,14 +73,17 @@ class TensorPool:
         max_cached_bytes: Optional[ByteSize] = None,
         max_bytes: Optional[ByteSize] = None,
         release_after: int = ENV.release_after,
+        release_idle_s: Optional[float] = ENV.release_idle_s,
     ) -> None:
         self._device = parse_device(device)
         self._max_cached = parse_limit(max_cached_bytes, "max_cached_bytes")
         self._max_bytes = parse_limit(max_bytes, "max_bytes")
         self._release_after = parse_count(release_after, "release_after")
+        self._release_idle = parse_seconds(release_idle_s, "release_idle_s")
         self._engine: Engine = engine_for(self._device)
         self._backend: PoolBackend = self._engine.new_pool(
-            self._device, _limit(self._max_cached), _limit(self._max_bytes), self._release_after
+            self._device, _limit(self._max_cached), _limit(self._max_bytes), self._release_after,
+            _micros(self._release_idle),
         )
         self._warned_cap = False
         _ALL.add(self)
@@ -87,7 +98,9 @@ class TensorPool:
         return self._engine.name
 
     def _configure(self) -> None:
-        self._backend.configure(_limit(self._max_cached), _limit(self._max_bytes), self._release_after)
+        self._backend.configure(
+            _limit(self._max_cached), _limit(self._max_bytes), self._release_after, _micros(self._release_idle)
+        )
 
     @property
     def max_cached_bytes(self) -> Optional[int]:
@@ -117,6 +130,16 @@ class TensorPool:
     @release_after.setter
     def release_after(self, value: int) -> None:
         self._release_after = parse_count(value, "release_after")
+        self._configure()
+
+    @property
+    def release_idle_s(self) -> Optional[float]:
+        """Seconds after which unused cached memory goes back by itself; None means never."""
+        return self._release_idle
+
+    @release_idle_s.setter
+    def release_idle_s(self, value: Optional[float]) -> None:
+        self._release_idle = parse_seconds(value, "release_idle_s")
         self._configure()
 
     def stats(self) -> PoolStats:

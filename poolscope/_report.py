@@ -11,6 +11,7 @@ from types import FrameType
 from typing import Any, Optional
 
 from ._errors import PoolscopeWarning
+from ._pool import all_pools
 from ._stats import ScopeStats
 
 __all__ = ["record", "report", "reset_report", "report_rows", "warn_at_caller"]
@@ -120,6 +121,9 @@ def report() -> str:
     nested scopes included); live MiB (pooled bytes from finished calls still
     alive now: outputs you kept); escaped (tensors alive at a call's exit);
     fallbacks (served by the ordinary allocator); alloc ms (time in the pool).
+    Under the table, one line per pool that gave memory back to the system:
+    what no allocation reused for ``release_after`` exits, and what sat idle
+    for ``release_idle_s`` seconds.
 
     Returns:
         The table as a string (a header line only when nothing was recorded).
@@ -147,7 +151,22 @@ def report() -> str:
         rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:]))
         return "  ".join((first, *rest))
 
-    return "\n".join([fmt(header), fmt(tuple("-" * w for w in widths)), *map(fmt, lines)])
+    table = [fmt(header), fmt(tuple("-" * w for w in widths)), *map(fmt, lines)]
+    return "\n".join(table + _released_lines())
+
+
+def _released_lines() -> list[str]:
+    """One line per pool that gave memory back by exits or by idle time (none otherwise)."""
+    lines = []
+    for pool in all_pools():
+        stats = pool.stats()
+        if stats.bytes_released_by_exits or stats.bytes_released_by_time:
+            lines.append(
+                f"pool {stats.device}: {_mib(stats.bytes_cached)} MiB cached; given back "
+                f"{_mib(stats.bytes_released_by_exits)} MiB unused for {stats.release_after} exits, "
+                f"{_mib(stats.bytes_released_by_time)} MiB idle for {stats.release_idle_s or 0:g} s"
+            )
+    return lines
 
 
 def reset_report() -> None:

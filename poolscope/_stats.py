@@ -13,11 +13,14 @@ class PoolStats:
     Bytes "in use" are the bytes of blocks lent to live tensors (at most 1.25x
     what they asked for, ``bytes_requested``); "cached" bytes are idle blocks
     that may still be resident and can be lent again without page faults;
-    ``bytes_reserved`` is their sum. ``working_set_bytes`` is the most bytes in
-    use between two outermost-scope exits, over the last ``release_after``
-    exits: the cache keeps what that needs and gives the rest back
-    (``evictions``, ``bytes_released``). ``fallbacks`` counts requests the
-    ordinary allocator served because the pool could not grow.
+    ``bytes_reserved`` is their sum. Cached memory that no allocation reused
+    during the last ``release_after`` outermost-scope exits goes back to the
+    system (``bytes_released_by_exits``), and so does memory nothing used for
+    ``release_idle_s`` seconds (``bytes_released_by_time``); ``bytes_released``
+    and ``evictions`` count every release, caps and ``empty_cache`` included.
+    ``working_set_bytes`` is a figure only: the most bytes in use between two
+    outermost exits, over the last ``release_after`` of them. ``fallbacks``
+    counts requests the ordinary allocator served because the pool could not grow.
     """
 
     device: str
@@ -33,11 +36,14 @@ class PoolStats:
     misses: int
     evictions: int
     bytes_released: int
+    bytes_released_by_exits: int
+    bytes_released_by_time: int
     fallbacks: int
     working_set_bytes: int
     max_cached_bytes: Optional[int]
     max_bytes: Optional[int]
     release_after: int
+    release_idle_s: Optional[float]
 
     @classmethod
     def from_figures(cls, device: str, figures: dict[str, Any]) -> PoolStats:

@@ -22,9 +22,10 @@ find_python() {
 # already in VENV stays (poolscope asks only torch>=2.4).
 install_dist() {
   local venv=$1 dist=$2
-  "$venv/bin/python" -m pip install --quiet "$dist[test]"
+  # PIP_CONSTRAINT=/dev/null: this machine's pip cap on torch would otherwise replace a newer torch.
+  PIP_CONSTRAINT=/dev/null "$venv/bin/python" -m pip install --quiet "$dist[test]"
   # Same version number as an earlier build: force this file's contents in.
-  "$venv/bin/python" -m pip install --quiet --force-reinstall --no-deps "$dist"
+  PIP_CONSTRAINT=/dev/null "$venv/bin/python" -m pip install --quiet --force-reinstall --no-deps "$dist"
 }
 
 # run_suite VENV [pytest args]: the test suite against the poolscope installed in VENV, from a copy

@@ -89,8 +89,8 @@ def engine(fake):
     return CudaEngine(fake)
 
 
-def new_pool(engine, release_after=100):
-    return engine.new_pool(DEVICE, NO_LIMIT, NO_LIMIT, release_after)
+def new_pool(engine, release_after=100, release_idle_us=NO_LIMIT):
+    return engine.new_pool(DEVICE, NO_LIMIT, NO_LIMIT, release_after, release_idle_us)
 
 
 def new_scope(engine, pool, profiling=False):
@@ -200,6 +200,55 @@ def test_a_pool_unused_for_release_after_exits_is_handed_back(engine, fake):
         s.exit()
     assert fake.emptied == 1 and idle.segments() == []
     assert busy.segments() == []  # never allocated from: nothing to hand back
+
+
+def _use_once(engine, fake, pool, size=8 << 20):
+    scope = new_scope(engine, pool)
+    scope.enter()
+    p, address = fake.allocate(size)
+    fake.free(p, address)
+    scope.exit()
+
+
+def test_a_pool_nothing_used_for_release_idle_s_is_handed_back_by_time(fake):
+    now = [100.0]
+    engine = CudaEngine(fake, clock=lambda: now[0])
+    pool = new_pool(engine, release_idle_us=5_000_000)
+    _use_once(engine, fake, pool)
+    now[0] += 4
+    assert engine.release_idle() == pytest.approx(105.0) and fake.emptied == 0
+    now[0] += 2
+    assert engine.release_idle() is None
+    assert fake.emptied == 1 and pool.segments() == []
+    stats = pool.stats()
+    assert stats["bytes_released_by_time"] == 8 << 20 and stats["bytes_released_by_exits"] == 0
+
+
+def test_a_pool_in_use_is_not_handed_back_by_time(fake):
+    now = [0.0]
+    engine = CudaEngine(fake, clock=lambda: now[0])
+    pool = new_pool(engine, release_idle_us=1_000_000)
+    _use_once(engine, fake, pool)
+    scope = new_scope(engine, pool)
+    scope.enter()  # open again: its memory is the scope's to use
+    now[0] += 10
+    engine.release_idle()
+    assert fake.emptied == 0
+    scope.exit()
+    now[0] += 10
+    engine.release_idle()
+    assert fake.emptied == 1
+
+
+def test_the_idle_releaser_runs_without_any_call(engine, fake):
+    import time
+
+    pool = new_pool(engine, release_idle_us=50_000)
+    _use_once(engine, fake, pool)
+    deadline = time.monotonic() + 5
+    while fake.emptied == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fake.emptied == 1 and pool.stats()["bytes_released_by_time"] == 8 << 20
 
 
 def test_a_pool_with_live_blocks_is_kept(engine, fake):

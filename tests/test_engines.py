@@ -37,7 +37,7 @@ def test_engine_names_and_the_passthrough_engine_in_this_process():
     from poolscope import _passthrough
 
     engine = _passthrough.ENGINE
-    pool = engine.new_pool(torch.device("cpu"), -1, -1, 100)
+    pool = engine.new_pool(torch.device("cpu"), -1, -1, 100, -1)
     scope = engine.new_scope(pool, 0, -1, False, False, "", True)
     assert scope.exit() == "not_active"
     scope.enter()

@@ -189,6 +189,32 @@ def test_plugin_fixture_and_marker(tmp_path):
     assert "test_fixture_catches" in out.stdout.split("short test summary")[1]
 
 
+def test_plugin_flag_passes_a_test_that_expects_a_leak_and_lets_it_die(tmp_path):
+    (tmp_path / "test_expects.py").write_text(
+        "import pytest, torch, poolscope\n"
+        "from poolscope.testing import assert_no_leaks\n"
+        "CACHE = []\n"
+        "def test_local_leak_caught():\n"
+        "    keep = []\n"
+        "    with pytest.raises(AssertionError, match='1 pooled block') as excinfo:\n"
+        "        with assert_no_leaks():\n"
+        "            keep.append(torch.zeros(1 << 20))\n"
+        "    assert 'held by a tensor of shape (1048576,)' in str(excinfo.value)\n"
+        "def test_module_cache_caught_then_cleared():\n"
+        "    with pytest.raises(AssertionError):\n"
+        "        with assert_no_leaks():\n"
+        "            CACHE.append(torch.zeros(1 << 20))\n"
+        "    CACHE.clear()\n"
+        "def test_module_cache_kept_is_still_a_leak():\n"
+        "    with pytest.raises(AssertionError):\n"
+        "        with assert_no_leaks():\n"
+        "            CACHE.append(torch.zeros(1 << 20))\n"
+    )
+    out = _pytest(str(tmp_path), "--poolscope-leak-check", cwd=tmp_path)
+    assert "1 failed, 2 passed" in out.stdout, out.stdout + out.stderr
+    assert "FAILED test_expects.py::test_module_cache_kept_is_still_a_leak" in out.stdout
+
+
 def test_plugin_costs_nothing_when_off(tmp_path):
     (tmp_path / "test_light.py").write_text(
         "import sys\n"

@@ -313,6 +313,11 @@ void after_fork() {
   g_mu.unlock();
 }
 
+void after_fork_child() {
+  releaser_after_fork_child();
+  g_mu.unlock();
+}
+
 }  // namespace
 
 c10::DataPtr lend(Scope* top, size_t nbytes) {
@@ -378,7 +383,7 @@ bool install() {
     for (int priority = 0; priority < 256 && c10::GetCPUAllocator() != &g_allocator; ++priority) {
       c10::SetCPUAllocator(&g_allocator, static_cast<uint8_t>(priority));
     }
-    pthread_atfork(&prepare_fork, &after_fork, &after_fork);
+    pthread_atfork(&prepare_fork, &after_fork, &after_fork_child);
     return c10::GetCPUAllocator() == &g_allocator;
   }();
   return ok && installed();

@@ -45,13 +45,14 @@ std::vector<std::vector<Frame>> symbolize_all(const std::vector<Context>& contex
 
 py::dict pool_stats(Pool& pool) {
   PoolStatsData s;
-  int64_t max_cached, max_bytes, release_after;
+  int64_t max_cached, max_bytes, release_after, release_idle_us;
   {
     std::lock_guard<std::mutex> lock(g_mu);
     s = pool.stats();
     max_cached = pool.max_cached;
     max_bytes = pool.max_bytes;
     release_after = pool.release_after;
+    release_idle_us = pool.release_idle_us;
   }
   py::dict d;
   d["bytes_in_use"] = s.in_use;
@@ -67,12 +68,15 @@ py::dict pool_stats(Pool& pool) {
   d["misses"] = s.misses;
   d["evictions"] = s.evictions;
   d["bytes_released"] = s.bytes_released;
+  d["bytes_released_by_exits"] = s.bytes_released_by_exits;
+  d["bytes_released_by_time"] = s.bytes_released_by_time;
   d["fallbacks"] = s.fallbacks;
   d["exits"] = s.epoch;
   d["working_set_bytes"] = s.working_set;
   d["max_cached_bytes"] = optional_int(max_cached);
   d["max_bytes"] = optional_int(max_bytes);
   d["release_after"] = release_after;
+  d["release_idle_s"] = release_idle_us == kNone ? py::object(py::none()) : py::object(py::float_(release_idle_us * 1e-6));
   return d;
 }
 
@@ -275,25 +279,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
 
   py::class_<Pool, std::shared_ptr<Pool>>(m, "Pool")
-      .def(py::init([](const std::string& device, int64_t max_cached, int64_t max_bytes, int64_t release_after) {
+      .def(py::init([](const std::string& device, int64_t max_cached, int64_t max_bytes, int64_t release_after,
+                       int64_t release_idle_us) {
              auto pool = std::make_shared<Pool>(device);
              pool->max_cached = limit_arg(max_cached);
              pool->max_bytes = limit_arg(max_bytes);
              pool->release_after = release_after;
+             pool->release_idle_us = limit_arg(release_idle_us);
              register_pool(pool);
              return pool;
            }),
-           py::arg("device"), py::arg("max_cached"), py::arg("max_bytes"), py::arg("release_after"))
+           py::arg("device"), py::arg("max_cached"), py::arg("max_bytes"), py::arg("release_after"),
+           py::arg("release_idle_us"))
       .def("configure",
-           [](Pool& pool, int64_t max_cached, int64_t max_bytes, int64_t release_after) {
+           [](Pool& pool, int64_t max_cached, int64_t max_bytes, int64_t release_after, int64_t release_idle_us) {
              Releases out;
              {
                std::lock_guard<std::mutex> lock(g_mu);
                pool.max_cached = limit_arg(max_cached);
                pool.max_bytes = limit_arg(max_bytes);
                pool.release_after = release_after;
+               pool.release_idle_us = limit_arg(release_idle_us);
                if (pool.max_cached != kNone) {
                  pool.shrink_to(static_cast<size_t>(pool.max_cached), out);
+               }
+               if (pool.release_idle_us != kNone) {
+                 // Blocks cached before the setting: the releaser must see their deadlines too.
+                 note_cached_locked(&pool, mono_us() - pool.release_idle_us, out);
+                 wake_releaser_locked();
                }
              }
              out.run();

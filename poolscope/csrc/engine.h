@@ -56,6 +56,7 @@ struct Block {
   int64_t alloc_us = 0;
   // While free:
   uint64_t freed_epoch = 0;  // the pool's epoch when it was last given back
+  int64_t freed_us = 0;      // when it was last given back (steady clock; merged: its most idle resident part)
   size_t committed = 0;      // bytes that may still be resident (upper bound)
 };
 
@@ -88,6 +89,7 @@ struct Releases {
   std::vector<std::shared_ptr<Scope>> scopes;
   std::shared_ptr<Pool> pool;
   Context context;
+  bool start_releaser = false;  // the first memory cached with release_idle set: start the thread
   void run();  // call without g_mu
 };
 
@@ -95,8 +97,12 @@ struct PoolStatsData {
   int64_t in_use = 0, requested = 0, cached = 0, reserved = 0, mapped = 0, peak_in_use = 0;
   int64_t blocks_in_use = 0, blocks_cached = 0, segments = 0;
   int64_t hits = 0, misses = 0, evictions = 0, bytes_released = 0, fallbacks = 0;
+  int64_t bytes_released_by_exits = 0, bytes_released_by_time = 0;
   int64_t epoch = 0, working_set = 0;
 };
+
+// Why free memory goes back to the system (a figure per reason).
+enum class Reason { other, exits, time };
 
 struct Pool : std::enable_shared_from_this<Pool> {
   explicit Pool(std::string device) : device(std::move(device)) {}
@@ -107,6 +113,7 @@ struct Pool : std::enable_shared_from_this<Pool> {
   int64_t max_cached = kNone;
   int64_t max_bytes = kNone;
   int64_t release_after = 100;  // outermost-scope exits that size the working set
+  int64_t release_idle_us = kNone;  // cached memory unused this long goes back (releaser.cpp)
 
   // Everything below is under g_mu.
   std::set<Block*, BySizeThenAddress> free_blocks;
@@ -115,6 +122,7 @@ struct Pool : std::enable_shared_from_this<Pool> {
   size_t growing = 0;  // bytes of segments being allocated outside the lock
   size_t peak_in_use = 0;
   int64_t hits = 0, misses = 0, evictions = 0, bytes_released = 0, fallbacks = 0;
+  int64_t bytes_released_by_exits = 0, bytes_released_by_time = 0;
   int64_t blocks_in_use = 0;
   // Epochs count outermost-scope exits; the working set (a figure) is the peak bytes in
   // use between consecutive exits, over the last release_after of them.
@@ -135,9 +143,12 @@ struct Pool : std::enable_shared_from_this<Pool> {
   // Give back free memory, oldest first, until at most `budget` bytes may stay resident.
   void shrink_to(size_t budget, Releases& out);
   void release_segments_smaller_than(size_t size, Releases& out);
-  void release_block(Block* block, Releases& out);
+  void release_block(Block* block, Releases& out, Reason reason = Reason::other);
   // Give back free memory that no lend of the last `release_after` outermost exits reused.
   void release_idle(Releases& out);
+  // Give back free memory unused for release_idle_us by `now`; returns when the next cached
+  // block will be (INT64_MAX: none will).
+  int64_t release_timed_out(int64_t now, Releases& out);
   void tick(Releases& out);  // an outermost scope exited
   size_t working_set() const;
   void record(const char* action, const Block* block, const Context& context);
@@ -194,6 +205,13 @@ void fail_next_register();  // test hook: the next lend runs out of memory after
 std::vector<const Block*> live_blocks_locked(const Scope* scope);
 std::vector<std::shared_ptr<Pool>> pools_locked();
 
-int64_t now_us();
+int64_t now_us();   // wall clock (trace events)
+int64_t mono_us();  // steady clock (idle times)
+
+// The background releaser (releaser.cpp). Under g_mu: a block of `pool` became free at freed_us.
+void note_cached_locked(Pool* pool, int64_t freed_us, Releases& out);
+void wake_releaser_locked();   // a pool's release_idle changed
+void start_releaser();         // without g_mu; from Releases::run
+void releaser_after_fork_child();  // in a forked child, under g_mu: the thread did not come along
 
 }  // namespace poolscope

@@ -30,6 +30,16 @@ uint64_t merged_epoch(const Block* a, const Block* b) {
   return std::min(a->freed_epoch, b->freed_epoch);
 }
 
+int64_t merged_time(const Block* a, const Block* b) {
+  if (a->committed == 0) {
+    return b->freed_us;
+  }
+  if (b->committed == 0) {
+    return a->freed_us;
+  }
+  return std::min(a->freed_us, b->freed_us);
+}
+
 }  // namespace
 
 int64_t now_us() {
@@ -37,7 +47,16 @@ int64_t now_us() {
   return duration_cast<microseconds>(system_clock::now().time_since_epoch()).count();
 }
 
+int64_t mono_us() {
+  using namespace std::chrono;
+  return duration_cast<microseconds>(steady_clock::now().time_since_epoch()).count();
+}
+
 void Releases::run() {
+  if (start_releaser) {
+    start_releaser = false;
+    poolscope::start_releaser();
+  }
   for (auto& segment : segments) {
     // The replaced allocator may keep the memory (glibc's heap does for
     // mid-sized blocks), so drop the pages first: the resident size falls either way.
@@ -104,6 +123,7 @@ void Pool::lend_from(Block* block, size_t size) {
     block->next = remainder;
     remainder->state = BlockState::free;
     remainder->freed_epoch = block->freed_epoch;
+    remainder->freed_us = block->freed_us;
     remainder->committed = std::min(rest, block->committed);
     block->size = size;
     free_blocks.insert(remainder);
@@ -124,6 +144,7 @@ Block* Pool::add_segment(c10::DataPtr memory, size_t size) {
   block->addr = segment->base;
   block->size = size;
   block->freed_epoch = epoch;
+  block->freed_us = mono_us();
   record_segment("segment_alloc", segment.get());
   segments.push_back(std::move(segment));
   reserved_virtual += size;
@@ -138,8 +159,13 @@ void Pool::give_back(Block* block, Releases& out) {
   block->requested = 0;
   block->committed = block->size;
   block->freed_epoch = epoch;
+  block->freed_us = mono_us();
   block->state = BlockState::free;
+  const int64_t freed_us = block->freed_us;
   insert_free(block);
+  if (release_idle_us != kNone) {
+    note_cached_locked(this, freed_us, out);
+  }
   if (max_cached != kNone && committed_free > static_cast<size_t>(max_cached)) {
     shrink_to(static_cast<size_t>(max_cached), out);
   }
@@ -152,6 +178,7 @@ void Pool::insert_free(Block* block) {
     free_blocks.erase(prev);
     committed_free -= prev->committed;
     prev->freed_epoch = merged_epoch(prev, block);
+    prev->freed_us = merged_time(prev, block);
     prev->size += block->size;
     prev->committed += block->committed;
     prev->next = block->next;
@@ -166,6 +193,7 @@ void Pool::insert_free(Block* block) {
     free_blocks.erase(next);
     committed_free -= next->committed;
     block->freed_epoch = merged_epoch(block, next);
+    block->freed_us = merged_time(block, next);
     block->size += next->size;
     block->committed += next->committed;
     block->next = next->next;
@@ -226,11 +254,16 @@ void Pool::release_segments_smaller_than(size_t size, Releases& out) {
   }
 }
 
-void Pool::release_block(Block* block, Releases& out) {
+void Pool::release_block(Block* block, Releases& out, Reason reason) {
   // `block` is free: give its memory back, the whole segment when it is all free, else its pages.
   free_blocks.erase(block);
   committed_free -= block->committed;
   bytes_released += static_cast<int64_t>(block->committed);
+  if (reason == Reason::exits) {
+    bytes_released_by_exits += static_cast<int64_t>(block->committed);
+  } else if (reason == Reason::time) {
+    bytes_released_by_time += static_cast<int64_t>(block->committed);
+  }
   evictions += 1;
   if (block->prev == nullptr && block->next == nullptr) {
     Segment* segment = block->segment;
@@ -264,8 +297,32 @@ void Pool::release_idle(Releases& out) {
     }
   }
   for (Block* block : idle) {
-    release_block(block, out);
+    release_block(block, out, Reason::exits);
   }
+}
+
+int64_t Pool::release_timed_out(int64_t now, Releases& out) {
+  if (release_idle_us == kNone) {
+    return INT64_MAX;
+  }
+  int64_t next = INT64_MAX;
+  std::vector<Block*> idle;
+  for (Block* block : free_blocks) {
+    bool whole = block->prev == nullptr && block->next == nullptr;
+    if (block->committed == 0 && !whole) {
+      continue;  // holds nothing resident
+    }
+    int64_t due = block->freed_us + release_idle_us;
+    if (due <= now) {
+      idle.push_back(block);
+    } else {
+      next = std::min(next, due);
+    }
+  }
+  for (Block* block : idle) {
+    release_block(block, out, Reason::time);
+  }
+  return next;
 }
 
 void Pool::tick(Releases& out) {
@@ -319,6 +376,8 @@ PoolStatsData Pool::stats() const {
   s.misses = misses;
   s.evictions = evictions;
   s.bytes_released = bytes_released;
+  s.bytes_released_by_exits = bytes_released_by_exits;
+  s.bytes_released_by_time = bytes_released_by_time;
   s.fallbacks = fallbacks;
   s.epoch = static_cast<int64_t>(epoch);
   s.working_set = static_cast<int64_t>(working_set());

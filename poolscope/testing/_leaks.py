@@ -108,6 +108,9 @@ class assert_no_leaks(contextlib.ContextDecorator):  # noqa: N801 - used like a 
         if len(leaks) > self._allow:
             holders = _holders(leaks)
             lines = "\n".join(_describe(b, holders.get(b["address"])) for b in leaks)
+            # The error's traceback keeps this frame: it must not keep the leaked tensors too, or a
+            # test that expects this error would leak them past its end (--poolscope-leak-check).
+            del holders
             raise AssertionError(
                 f"assert_no_leaks: {len(leaks)} pooled block(s) still alive after the body "
                 f"(allowed: {self._allow}):\n{lines}\n"

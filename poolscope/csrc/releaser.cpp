@@ -1,0 +1,97 @@
+// The background releaser: cached memory that nothing has used for a pool's release_idle goes
+// back to the system, with no call and no scope exit from the user (jemalloc's decay, tcmalloc's
+// background release). Exit-based retention (Pool::release_idle) keeps working alongside it.
+//
+// One thread per process, started with the first block cached by a pool that has release_idle
+// set. It sleeps on a condition variable until the earliest deadline of any cached block (or,
+// with nothing cached, until woken): it never polls. It runs no Python and needs no GIL; it holds
+// g_mu only to pick blocks, and gives their memory back after dropping it, like every release.
+// A forked child has no copy of the thread: the fork handler forgets it, and the next block
+// cached in the child starts a new one. The thread is detached and touches only leaked statics,
+// so interpreter shutdown and process exit need nothing from it.
+#include <pthread.h>
+
+#include <condition_variable>
+#include <thread>
+
+#include "engine.h"
+
+namespace poolscope {
+
+namespace {
+
+// Under g_mu. The condition variable is leaked and replaced in a forked child (a copy of one that
+// had a waiter is unusable there).
+std::condition_variable* g_cv = new std::condition_variable();
+bool g_started = false;
+int64_t g_deadline = INT64_MAX;  // when the releaser wakes next (INT64_MAX: when woken)
+uint64_t g_wakeups = 0;          // bumped by every wake-up call, so none is lost between waits
+
+void loop() {
+  pthread_setname_np(pthread_self(), "poolscope-idle");  // what tests and `top -H` see
+  std::unique_lock<std::mutex> lock(g_mu);
+  for (;;) {
+    Releases out;
+    std::vector<std::shared_ptr<Pool>> pools = pools_locked();
+    const int64_t now = mono_us();
+    int64_t next = INT64_MAX;
+    for (auto& pool : pools) {
+      next = std::min(next, pool->release_timed_out(now, out));
+    }
+    g_deadline = next;
+    const uint64_t seen = g_wakeups;
+    // Pools die outside the lock (a pool's destructor takes it).
+    lock.unlock();
+    out.run();
+    pools.clear();
+    lock.lock();
+    if (g_wakeups != seen) {
+      continue;
+    }
+    auto woken = [&] { return g_wakeups != seen; };
+    if (g_deadline == INT64_MAX) {
+      g_cv->wait(lock, woken);
+    } else {
+      auto until = std::chrono::steady_clock::time_point(std::chrono::microseconds(g_deadline));
+      g_cv->wait_until(lock, until, woken);
+    }
+  }
+}
+
+}  // namespace
+
+void note_cached_locked(Pool* pool, int64_t freed_us, Releases& out) {
+  const int64_t due = freed_us + pool->release_idle_us;
+  if (!g_started) {
+    g_started = true;
+    out.start_releaser = true;
+  }
+  if (due < g_deadline) {
+    g_deadline = due;
+    g_wakeups += 1;
+    g_cv->notify_one();
+  }
+}
+
+void wake_releaser_locked() {
+  g_deadline = INT64_MAX;
+  g_wakeups += 1;
+  g_cv->notify_one();
+}
+
+void start_releaser() {
+  try {
+    std::thread(loop).detach();
+  } catch (const std::system_error&) {  // no thread to be had: try again with the next cached block
+    std::lock_guard<std::mutex> lock(g_mu);
+    g_started = false;
+  }
+}
+
+void releaser_after_fork_child() {
+  g_cv = new std::condition_variable();
+  g_started = false;
+  g_deadline = INT64_MAX;
+}
+
+}  // namespace poolscope
