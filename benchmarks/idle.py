@@ -1,7 +1,7 @@
 """Burst then idle: the memory benchmark's workload for memory given back by time.
 
-One 1 GiB burst (inside ``pool_scope()`` for poolscope, plain for the others), then nothing at
-all for ``--seconds`` (default 120): RSS above the process's baseline, sampled every second.
+A 1 GiB burst (three steps, each holding 64 tensors of 16 MiB at once; inside ``pool_scope()``
+for poolscope, plain for the others), then nothing at all for ``--seconds`` (default 120): RSS above the process's baseline, sampled every second.
 Columns: plain PyTorch, poolscope with its defaults (``release_idle_s=10``), glibc told never to
 give memory back, jemalloc with ``background_thread:true,dirty_decay_ms:10000``, mimalloc and
 tcmalloc (preloaded where installed). The columns run at the same time, each in a child process
@@ -40,10 +40,10 @@ if mode == "pooled":
     with scope():
         torch.ones(1)  # build, install: not part of the burst
 base = rss_mib()
-with scope():
-    burst = torch.ones(burst_mib << 18)
-    burst.add_(1)
-    del burst
+for step in range(3):  # a few steps of a loop, each holding the burst's tensors at once
+    with scope():
+        burst = [torch.ones(4 << 20) for _ in range(burst_mib // 16)]  # 16 MiB each
+        del burst
 started = time.monotonic()
 samples = []
 for second in range(int(seconds) + 1):
@@ -91,7 +91,7 @@ def table(results: dict[str, list[float]], seconds: float) -> str:
     rows = []
     for label, samples in results.items():
         back = next((t for t, v in enumerate(samples) if v < 64), None)
-        rows.append([f"{BURST_MIB} MiB burst, then idle" if rows == [] else "", label,
+        rows.append([f"{BURST_MIB} MiB bursts, then idle" if rows == [] else "", label,
                      *[f"{samples[m]:.0f}" for m in moments], "never" if back is None else f"{back} s"])
     return markdown(header, rows)
 
