@@ -138,6 +138,8 @@ def test_an_idle_process_gives_a_spike_back_in_rss_within_release_idle_s():
 
 @pytest.mark.pools
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.skipif(os.environ.get("POOLSCOPE_SANITIZER") == "tsan",
+                    reason="ThreadSanitizer does not support threads started after a multi-threaded fork")
 def test_a_forked_child_gets_a_working_releaser():
     pool = poolscope.TensorPool("cpu", release_idle_s=0.2)
     with poolscope.pool_scope(pool=pool):

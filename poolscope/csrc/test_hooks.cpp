@@ -3,9 +3,13 @@
 // Nothing here runs unless a test calls it.
 #include "test_hooks.h"
 
+#include <pybind11/stl.h>
+
 #include <c10/core/CPUAllocator.h>
 
 #include <atomic>
+#include <optional>
+#include <string>
 #include <thread>
 
 #include "engine.h"
@@ -55,13 +59,14 @@ void register_test_hooks(py::module_& m) {
   t.def("refused_drops", &os::refused_drops);
   t.def(
       "try_allocate",
-      [](size_t nbytes) -> py::object {
-        // The CPU allocator called as C++ code calls it, with any size_t.
+      [](size_t nbytes) -> std::optional<std::string> {
+        // The CPU allocator called as C++ code calls it, with any size_t. Runs without the GIL:
+        // the message becomes a Python object only after the call guard took the GIL back.
         try {
           c10::DataPtr memory = c10::GetCPUAllocator()->allocate(nbytes);
-          return py::none();
+          return std::nullopt;
         } catch (const std::exception& exc) {
-          return py::str(exc.what());
+          return std::string(exc.what());
         }
       },
       py::arg("nbytes"), py::call_guard<py::gil_scoped_release>());
