@@ -150,9 +150,9 @@ def _ninja_on_path() -> None:
 
 
 def _compile(where: Path, digest: str, verbose: bool) -> ModuleType:
+    _check_toolchain()  # first: elsewhere even importing cpp_extension may fail
     from torch.utils import cpp_extension
 
-    _check_toolchain()
     _ninja_on_path()
     if not cpp_extension.is_ninja_available():
         raise BuildError("ninja is not installed; install it with `pip install ninja` (a dependency of poolscope)")

@@ -51,7 +51,7 @@ class CudaAllocatorAPI:
 
     @staticmethod
     def new_pool() -> object:
-        return torch.cuda.MemPool()
+        return torch.cuda.MemPool()  # type: ignore[attr-defined]  # torch >= 2.5; available() checks
 
     @staticmethod
     def begin(device_index: int, pool: object) -> None:
@@ -65,7 +65,8 @@ class CudaAllocatorAPI:
     @staticmethod
     def segments(pool: object) -> list:
         """The pool's segments in PyTorch's memory-snapshot format."""
-        return torch.cuda.memory_snapshot(pool.id, include_traces=False)  # type: ignore[attr-defined]
+        # The pool argument is newer than torch 2.4's stubs: the ignore covers both.
+        return torch.cuda.memory_snapshot(pool.id, include_traces=False)  # type: ignore[attr-defined, call-arg]
 
     @staticmethod
     def empty_cache() -> None:

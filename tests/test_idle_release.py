@@ -183,3 +183,20 @@ def test_the_releaser_sleeps_while_nothing_is_cached():
     before = _releaser_switches()
     time.sleep(1.0)
     assert _releaser_switches() - before <= 2, "the releaser woke up with nothing to do"
+
+
+@pytest.mark.pools
+def test_exiting_while_the_releaser_gives_memory_back_is_harmless():
+    # The interpreter shuts down while the releaser may be in the middle of giving memory back.
+    code = (
+        "import sys, time, torch, poolscope\n"
+        "pool = poolscope.TensorPool('cpu', release_idle_s=0.01)\n"
+        "for _ in range(20):\n"
+        "    with poolscope.pool_scope(pool=pool):\n"
+        "        x = [torch.ones(1 << 20) for _ in range(8)]\n"
+        "    del x\n"
+        "time.sleep(float(sys.argv[1]))\n"
+    )
+    for delay in ("0", "0.005", "0.01", "0.012", "0.015", "0.02"):
+        out = subprocess.run([sys.executable, "-c", code, delay], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and not out.stderr.strip(), (delay, out.returncode, out.stderr[-2000:])
