@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,11 @@ if _CHECKOUT and Path(poolscope.__file__).resolve().is_relative_to(Path(_CHECKOU
 
 ENGINE = poolscope.engine()
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# Plain PyTorch before 2.6 refuses torch.compile on Python 3.13, and its multiprocessing spawn
+# breaks there ('persistent_id' is read-only): tests of those features cannot run on such a pair.
+_OLD_TORCH_NEW_PYTHON = sys.version_info >= (3, 13) and tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 6)
+needs_compile = pytest.mark.skipif(_OLD_TORCH_NEW_PYTHON, reason="torch < 2.6 has no torch.compile on Python 3.13")
+needs_spawn = pytest.mark.skipif(_OLD_TORCH_NEW_PYTHON, reason="torch < 2.6 cannot spawn processes on Python 3.13")
 
 
 @pytest.fixture

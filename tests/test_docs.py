@@ -17,6 +17,10 @@ WITH_CODE = [p for p in PAGES if blocks(p)]
 
 @pytest.mark.parametrize("page", WITH_CODE, ids=[p.name for p in WITH_CODE])
 def test_python_blocks_run(page, tmp_path):
+    from conftest import _OLD_TORCH_NEW_PYTHON
+
+    if _OLD_TORCH_NEW_PYTHON and "torch.compile" in page.read_text():
+        pytest.skip("torch < 2.6 has no torch.compile on Python 3.13, and this page compiles")
     out = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("docs_runner.py")), str(page)],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,

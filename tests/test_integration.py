@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import poolscope
+from conftest import needs_compile, needs_spawn
 from helpers import assert_same, assert_same_tree
 
 MiB = 1 << 20
@@ -166,6 +167,7 @@ def _scratch_fn(x):
 
 
 @pytest.mark.pools
+@needs_compile
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
 def test_compiled_function_inside_a_scope_compiles_and_matches(backend):
     x = torch.randn(1024)
@@ -178,6 +180,7 @@ def test_compiled_function_inside_a_scope_compiles_and_matches(backend):
     assert scope.stats.allocations_routed >= 1  # Inductor's buffers included: they come from the allocator
 
 
+@needs_compile
 def test_compiling_inside_a_scope_traces_one_graph_without_breaks():
     torch._dynamo.reset()
     with poolscope.pool_scope():
@@ -196,6 +199,7 @@ class Compiled(nn.Module):
         return self.lin(x) + buf[:, :64]
 
 
+@needs_compile
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
 def test_decorated_forward_compiles_without_graph_breaks(backend):
     torch.manual_seed(0)
@@ -362,6 +366,7 @@ def _ddp_worker(rank, world, init_file, pooled, out_dir):
 
 @pytest.mark.pools
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+@needs_spawn
 def test_ddp_two_processes_gloo():
     import torch.multiprocessing as mp
 

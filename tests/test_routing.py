@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import poolscope
+from conftest import needs_compile
 from helpers import assert_same
 
 pytestmark = pytest.mark.pools
@@ -109,6 +110,7 @@ def test_backward_run_in_the_scope_thread_is_routed():
     assert torch.equal(grad, w.grad)
 
 
+@needs_compile
 def test_inductor_buffers_are_routed():
     pytest.importorskip("torch._inductor")
 
