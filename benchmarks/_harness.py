@@ -99,8 +99,10 @@ def _status(key: str) -> int:
     return 0
 
 
-def _faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def _usage() -> tuple[int, float, float]:
+    """Minor page faults, user and system CPU seconds of the process so far (every thread)."""
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_minflt, u.ru_utime, u.ru_stime
 
 
 def _child(script: str, workload: str, mode: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -117,17 +119,20 @@ def _child(script: str, workload: str, mode: str, params: dict[str, Any]) -> dic
     step: Callable[[], Any] = getattr(module, workload)(mode, **params)
     for _ in range(warmup):
         step()
-    times, faults = [], []
+    times, faults, user, system = [], [], [], []
     for _ in range(repeats):
-        f0, t0 = _faults(), time.perf_counter()
+        (f0, u0, s0), t0 = _usage(), time.perf_counter()
         result = step()
         times.append(time.perf_counter() - t0)
-        faults.append(_faults() - f0)
+        f1, u1, s1 = _usage()
+        faults.append(f1 - f0)
+        user.append(u1 - u0)
+        system.append(s1 - s0)
         del result
     report = getattr(step, "report", lambda: {})
     gc.collect()
     end = {"peak_rss": _status("VmHWM:"), "end_rss": _status("VmRSS:")}  # before the report, which may release memory
-    return {"times": times, "faults": faults, **end, **report()}
+    return {"times": times, "faults": faults, "user": user, "system": system, **end, **report()}
 
 
 def run_child(script: Path, workload: str, case: Case, params: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
@@ -158,15 +163,29 @@ def side_by_side(
         step_medians = [statistics.median(run["times"]) for run in runs]
         summary[label] = {
             "ms": statistics.median(step_medians) * 1e3,
+            "round_ms": [m * 1e3 for m in step_medians],  # one median per round, in round order
+            "user_ms": statistics.median(statistics.median(run["user"]) for run in runs) * 1e3,
+            "sys_ms": statistics.median(statistics.median(run["system"]) for run in runs) * 1e3,
             "ms_min": min(min(run["times"]) for run in runs) * 1e3,
             "ms_max": max(max(run["times"]) for run in runs) * 1e3,
             "faults": statistics.median(statistics.median(run["faults"]) for run in runs),
             "peak_rss_mib": statistics.median(run["peak_rss"] for run in runs) / 2**20,
             "end_rss_mib": statistics.median(run["end_rss"] for run in runs) / 2**20,
-            "extra": {k: v for k, v in runs[-1].items() if k not in ("times", "faults", "peak_rss", "end_rss")},
+            "extra": {k: v for k, v in runs[-1].items() if k not in ("times", "faults", "user", "system", "peak_rss", "end_rss")},
         }
         log(f"  {workload:<28} {label:<22} {summary[label]['ms']:10.3f} ms  faults {summary[label]['faults']:>8.0f}")
     return summary
+
+
+def versus_fastest(summary: dict[str, dict[str, Any]], label: str, peers: list[str]) -> Optional[tuple[float, float, float, str]]:
+    """``label``'s time over the fastest of ``peers`` in each round: (median, min, max, fastest overall)."""
+    present = [p for p in peers if p in summary]
+    if not present:
+        return None
+    rounds = len(summary[label]["round_ms"])
+    ratios = [summary[label]["round_ms"][r] / min(summary[p]["round_ms"][r] for p in present) for r in range(rounds)]
+    fastest = min(present, key=lambda p: summary[p]["ms"])
+    return statistics.median(ratios), min(ratios), max(ratios), fastest
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:

@@ -1,8 +1,9 @@
 """Models nobody here wrote: plain PyTorch against poolscope, and against the allocators users preload.
 
-HF ``transformers`` Llama (forward at sequence 2048, ``generate()`` of 32 tokens), GPT-2 and
-BERT; ``timm`` ViT-S/16 and ConvNeXt-T at batch 8; fkodom's ``dilated-attention-pytorch``
-0.2.0; and the LongNet encoder of ``examples/longnet.py``. Every model is built from a config
+HF ``transformers`` Llama (forward at sequence 2048, ``generate()`` of 32 tokens), GPT-2,
+BERT and a small Qwen2 (eager and under ``torch.compile``); ``diffusers``' ``UNet2DConditionModel``
+in a 10-step DDIM loop; ``timm`` ViT-S/16 and ConvNeXt-T at batch 8; fkodom's
+``dilated-attention-pytorch`` 0.2.0; and the LongNet encoder of ``examples/longnet.py``. Every model is built from a config
 with random weights (nothing is downloaded) and runs under ``torch.no_grad()`` and
 ``torch.inference_mode()``. Columns: plain, poolscope (one ``pool_scope()`` around each call),
 glibc's never-give-back tuning, jemalloc/mimalloc/tcmalloc preloads where installed. Outputs
@@ -134,6 +135,53 @@ def bert(mode: str, context: str, seq: int = 512, batch: int = 8, layers: int = 
     return _step(mode, context, lambda: model(ids).last_hidden_state)
 
 
+def qwen2(mode: str, context: str, seq: int = 2048, layers: int = 4, hidden: int = 512, compiled: bool = False) -> Callable[[], Any]:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                         num_attention_heads=8, num_key_value_heads=8, vocab_size=32000,
+                         max_position_embeddings=max(seq, 4096), attn_implementation="sdpa")
+    model = Qwen2ForCausalLM(config).eval()
+    ids = torch.randint(0, 32000, (1, seq))
+    if compiled:
+        model = torch.compile(model)
+        with getattr(torch, context)():
+            model(ids)  # the compile happens here, outside any scope, as in a user's warm-up
+    return _step(mode, context, lambda: model(ids).logits)
+
+
+def qwen2_compiled(mode: str, context: str, **params: Any) -> Callable[[], Any]:
+    return qwen2(mode, context, compiled=True, **params)
+
+
+def unet_ddim(mode: str, context: str, steps: int = 10, batch: int = 2, latent: int = 64, width: int = 32) -> Callable[[], Any]:
+    """A whole denoising loop per call: ``steps`` U-Net calls and DDIM updates on one latent."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=latent, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(width, width * 2, width * 4), norm_num_groups=min(16, width),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=width * 4, attention_head_dim=8,
+    ).eval()
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    text = torch.randn(batch, 77, width * 4)
+    start = torch.randn(batch, 4, latent, latent)
+
+    def denoise() -> torch.Tensor:
+        scheduler.set_timesteps(steps)
+        latents = start
+        for t in scheduler.timesteps:
+            noise = unet(latents, t, encoder_hidden_states=text).sample
+            latents = scheduler.step(noise, t, latents).prev_sample
+        return latents
+
+    return _step(mode, context, denoise)
+
+
 def _timm(name: str, mode: str, context: str, batch: int, size: int) -> Callable[[], Any]:
     import timm
 
@@ -180,6 +228,9 @@ MODELS = {  # row name: (function, parameters, smoke parameters)
     "HF Llama generate() 32 tokens": ("llama_generate", {}, {"prompt": 16, "tokens": 2, "layers": 1, "hidden": 64}),
     "HF GPT-2 forward (seq 1024)": ("gpt2", {}, {"seq": 64, "layers": 1}),
     "HF BERT forward (8 x 512)": ("bert", {}, {"seq": 32, "batch": 2, "layers": 1}),
+    "HF Qwen2 forward (seq 2048)": ("qwen2", {}, {"seq": 64, "layers": 1, "hidden": 64}),
+    "HF Qwen2 forward (seq 2048), torch.compile": ("qwen2_compiled", {}, {"seq": 64, "layers": 1, "hidden": 64}),
+    "diffusers U-Net, 10-step DDIM loop (2 x 4 x 64 x 64)": ("unet_ddim", {}, {"steps": 2, "latent": 16, "width": 16}),
     "timm ViT-S/16 (batch 8)": ("vit_small", {}, {"batch": 1}),
     "timm ConvNeXt-T (batch 8)": ("convnext_tiny", {}, {"batch": 1}),
     "fkodom dilated attention (seq 16k)": ("fkodom_dilated", {}, {"seq": 8192, "dim": 64}),
@@ -216,7 +267,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> bool:
 
 
 def main() -> int:
-    from _harness import Case, machine, markdown, peers, side_by_side, write_json
+    from _harness import Case, machine, markdown, peers, side_by_side, versus_fastest, write_json
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=1)
@@ -252,17 +303,29 @@ def main() -> int:
     print(f"missing peers: {'; '.join(missing) or 'none'}; skipped: {'; '.join(skipped) or 'none'}\n")
     peer_names = [c.label for c in cases if c.label not in ("plain", "poolscope")]
     header = ["workload", "plain ms", "poolscope ms", "speedup", *[f"{p} ms" for p in peer_names],
-              "faults plain / poolscope", "peak RSS MiB plain / poolscope", "end RSS MiB plain / poolscope", "identical"]
+              "poolscope vs fastest peer (median [min-max] of rounds)",
+              "CPU user / sys ms plain", "poolscope", "fastest peer",
+              "faults plain / poolscope", "peak RSS MiB plain / poolscope", "end RSS MiB plain / poolscope / fastest peer",
+              "identical"]
     rows = []
     for name, r in results.items():
         plain, pooled = r["plain"], r["poolscope"]
         same = plain["extra"].get("digest") == pooled["extra"].get("digest")
+        versus = versus_fastest(r, "poolscope", peer_names)
+        fastest = r[versus[3]] if versus else None
+
+        def cpu(x: dict[str, Any]) -> str:
+            return f"{x['user_ms']:.0f} / {x['sys_ms']:.0f}"
+
         rows.append([
             name, f"{plain['ms']:.1f}", f"{pooled['ms']:.1f}", f"{plain['ms'] / pooled['ms']:.2f}x",
             *[f"{r[p]['ms']:.1f}" for p in peer_names],
+            f"{versus[0]:.2f}x [{versus[1]:.2f}-{versus[2]:.2f}] ({versus[3]})" if versus else "-",
+            cpu(plain), cpu(pooled), f"{cpu(fastest)} ({versus[3]})" if versus and fastest else "-",
             f"{plain['faults']:.0f} / {pooled['faults']:.0f}",
             f"{plain['peak_rss_mib']:.0f} / {pooled['peak_rss_mib']:.0f}",
-            f"{plain['end_rss_mib']:.0f} / {pooled['end_rss_mib']:.0f}", "yes" if same else "NO",
+            f"{plain['end_rss_mib']:.0f} / {pooled['end_rss_mib']:.0f} / " + (f"{fastest['end_rss_mib']:.0f}" if fastest else "-"),
+            "yes" if same else "NO",
         ])
     print(markdown(header, rows))
     out = write_json(args.out, "models-smoke.json" if args.smoke else "models.json",
