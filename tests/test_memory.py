@@ -119,6 +119,40 @@ def test_growing_sizes_do_not_leave_a_trail_of_segments_too_small_to_use():
     assert s.hits / (s.hits + s.misses) >= 0.99
 
 
+def test_a_pool_that_has_seen_a_call_once_serves_the_next_without_a_miss():
+    # A compiled model's shape: intermediates freed before its largest output (the logits) is
+    # allocated. Growing for the output must not give back what the smaller requests will use
+    # again, or the next call carves them from the output's block and grows again.
+    def call(pool):
+        with poolscope.pool_scope(pool=pool):
+            held = [torch.empty(n * MiB, dtype=torch.uint8).fill_(1) for n in (8, 8, 12, 16)]
+            del held
+            logits = torch.empty(96 * MiB, dtype=torch.uint8).fill_(1)
+            del logits
+
+    pool = poolscope.TensorPool("cpu")
+    call(pool)
+    first = pool.stats()
+    assert first.misses > 0 and first.evictions == 0
+    for _ in range(3):
+        call(pool)
+    s = pool.stats()
+    assert s.misses == first.misses and s.hits - first.hits == 15
+    assert s.bytes_reserved <= 2 * s.peak_bytes_in_use
+
+
+def test_growth_within_one_call_keeps_the_cache_near_its_peak():
+    # Sizes that grow inside one outermost scope (no exit in between): the segments left behind
+    # are fresh, yet the cache stays within twice what is in use.
+    pool = poolscope.TensorPool("cpu")
+    with poolscope.pool_scope(pool=pool):
+        for n in range(4, 68, 4):
+            t = torch.empty(n * MiB, dtype=torch.uint8).fill_(1)
+            del t
+    s = pool.stats()
+    assert s.bytes_reserved <= 2 * 64 * MiB + 4 * MiB, s.bytes_reserved // MiB
+
+
 def test_release_unused_gives_back_every_pool_but_keeps_live_tensors():
     pools = [poolscope.TensorPool("cpu") for _ in range(2)]
     for pool in pools:

@@ -237,19 +237,31 @@ void Pool::shrink_to(size_t budget, Releases& out) {
 
 void Pool::release_segments_smaller_than(size_t size, Releases& out) {
   // Called when no free block can serve `size`: a wholly free segment smaller than that can
-  // never serve it either, and the new segment will serve the smaller requests it used to.
-  // Without this, sizes that keep growing (random sequence lengths) leave a trail of
-  // segments each a little too small, and the cache grows to several times the peak.
-  std::vector<Block*> smaller;
+  // never serve it. Without releasing, sizes that keep growing from call to call (random
+  // sequence lengths) leave a trail of segments each a little too small, and the cache grows
+  // to several times the peak. But the segments the current call has used (freed since the
+  // last outermost exit) are what its smaller requests will need again on the next call: a
+  // compiled model frees its intermediates before its largest output, and releasing them
+  // there made the next call miss. So the stale ones go at once, and the fresh ones, oldest
+  // first, only while the pool would reserve more than twice its bytes in use with `size` lent.
+  std::vector<Block*> stale, fresh;
   for (Block* block : free_blocks) {
     if (block->size >= size) {
       break;  // ordered by size
     }
     if (block->prev == nullptr && block->next == nullptr) {
-      smaller.push_back(block);
+      (block->freed_epoch < epoch ? stale : fresh).push_back(block);
     }
   }
-  for (Block* block : smaller) {
+  for (Block* block : stale) {
+    release_block(block, out);
+  }
+  std::sort(fresh.begin(), fresh.end(), [](const Block* a, const Block* b) { return a->freed_us < b->freed_us; });
+  const size_t bound = 2 * (in_use + size);
+  for (Block* block : fresh) {
+    if (reserved_virtual + size <= bound) {
+      break;
+    }
     release_block(block, out);
   }
 }
