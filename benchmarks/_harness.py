@@ -14,6 +14,8 @@ jemalloc, mimalloc and tcmalloc through ``LD_PRELOAD`` where the library is inst
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 HERE = Path(__file__).resolve().parent
+MiB = 1 << 20
 GLIBC_NEVER_GIVE_BACK = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 PRELOADS = {  # name: (library file names, the Debian package that provides it)
     "jemalloc": (("libjemalloc.so.2",), "libjemalloc2"),
@@ -77,6 +80,44 @@ def machine() -> str:
     import torch
 
     return f"{os.cpu_count()} cores, {model}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+# --- what every benchmark script shares --------------------------------------------------------
+
+
+def scope_for(mode: str) -> Callable[..., Any]:
+    """The context a workload's step runs in: ``pool_scope`` for "pooled", a no-op otherwise."""
+    if mode != "pooled":
+        return contextlib.nullcontext
+    import poolscope
+
+    return poolscope.pool_scope
+
+
+def scoped(mode: str, body: Callable[[], Any], *args: Any) -> Callable[[], Any]:
+    """``body`` as it runs in ``mode``: one ``pool_scope(*args)`` around each call for "pooled"."""
+    if mode != "pooled":
+        return body
+    scope = scope_for(mode)
+
+    def step() -> Any:
+        with scope(*args):
+            return body()
+
+    return step
+
+
+def arguments(doc: Optional[str], rounds: int, repeats: Optional[int] = None, only: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark takes: rounds, repeats, where results go, a smoke run, a filter."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"child processes per case (default {rounds})")
+    if repeats is not None:
+        parser.add_argument("--repeats", type=int, default=repeats, help=f"timed steps per child (default {repeats})")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks that it runs")
+    if only:
+        parser.add_argument("--only", help="run the workloads whose name contains this")
+    return parser
 
 
 @dataclass

@@ -15,7 +15,6 @@ Run:  python benchmarks/gpu.py [--rounds 3] [--out benchmarks/results]
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-MiB = 1 << 20
+from _harness import MiB, scope_for
 
 
 def _module(path: Path, name: str) -> Any:
@@ -36,19 +35,12 @@ def _module(path: Path, name: str) -> Any:
 
 
 def _timed(mode: str, call: Callable[[], Any]) -> Callable[[], Any]:
-    scope: Any = None
-    if mode == "pooled":
-        import poolscope
-
-        scope = poolscope.pool_scope
+    scope = scope_for(mode)
     last: dict[str, Any] = {}
 
     def step() -> Any:
-        if scope is None:
+        with scope("cuda") if mode == "pooled" else scope():
             out = call()
-        else:
-            with scope("cuda"):
-                out = call()
         torch.cuda.synchronize()
         last["digest"] = hashlib.sha256(out.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
         last["max_reserved_mib"] = torch.cuda.max_memory_reserved() / MiB
@@ -59,7 +51,7 @@ def _timed(mode: str, call: Callable[[], Any]) -> Callable[[], Any]:
 
 
 def decode(mode: str, tokens: int = 64, prompt: int = 512, d: int = 256) -> Callable[[], Any]:
-    engine = _module(Path(__file__).with_name("engine.py"), "engine_workloads")
+    engine = _module(Path(__file__).with_name("allocation.py"), "allocation_workloads")
     return _timed(mode, engine.decode_body(tokens, prompt, d, 2, device="cuda"))
 
 
@@ -122,14 +114,9 @@ WORKLOADS = {  # name: (function, params, smoke params, modes as (label, mode, e
 
 
 def main() -> int:
-    from _harness import Case, machine, markdown, side_by_side, write_json
+    from _harness import Case, arguments, machine, markdown, side_by_side, write_json
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
-    parser.add_argument("--smoke", action="store_true")
-    args = parser.parse_args()
+    args = arguments(__doc__, rounds=3, repeats=10, only=False).parse_args()
     if not torch.cuda.is_available():
         print("| workload | result |\n| --- | --- |\n| all | skipped: no CUDA device on this machine |")
         write_json(args.out, "gpu-smoke.json" if args.smoke else "gpu.json", {"machine": machine(), "skipped": "no CUDA device"})

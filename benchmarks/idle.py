@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 BURST_MIB = 1024
 MOMENTS = (0, 1, 2, 5, 9, 12, 15, 20, 30, 60, 90, 120)

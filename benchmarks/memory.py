@@ -17,24 +17,13 @@ Run:  python benchmarks/memory.py [--rounds 2] [--out benchmarks/results] [--smo
 
 from __future__ import annotations
 
-import argparse
 import random
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-MiB = 1 << 20
-
-
-def _in_scope(mode: str) -> Callable[[], Any]:
-    import contextlib
-
-    if mode != "pooled":
-        return contextlib.nullcontext
-    import poolscope
-
-    return poolscope.pool_scope
+from _harness import MiB, scope_for
 
 
 def _with_release_report(mode: str, step: Callable[[], Any]) -> Callable[[], Any]:
@@ -57,7 +46,7 @@ def _with_release_report(mode: str, step: Callable[[], Any]) -> Callable[[], Any
 
 
 def spike_then_steady(mode: str, spike_mib: int = 1024, mib: int = 32) -> Callable[[], Any]:
-    scope = _in_scope(mode)
+    scope = scope_for(mode)
     with scope():
         spike = torch.ones(spike_mib * MiB // 4)
         del spike
@@ -78,7 +67,7 @@ def _attention(length: int) -> torch.Tensor:
 
 
 def random_attention(mode: str, low: int = 512, high: int = 4096) -> Callable[[], Any]:
-    scope = _in_scope(mode)
+    scope = scope_for(mode)
     rng = random.Random(0)
 
     def step() -> None:
@@ -89,7 +78,7 @@ def random_attention(mode: str, low: int = 512, high: int = 4096) -> Callable[[]
 
 
 def steady_attention(mode: str, length: int = 2048) -> Callable[[], Any]:
-    scope = _in_scope(mode)
+    scope = scope_for(mode)
 
     def step() -> None:
         with torch.inference_mode(), scope():
@@ -156,12 +145,9 @@ def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
 
 
 def main() -> int:
-    from _harness import Case, machine, peers, side_by_side, write_json
+    from _harness import Case, arguments, machine, peers, side_by_side, write_json
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2, help="child processes per case (default 2)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks that it runs")
+    parser = arguments(__doc__, rounds=2, only=False)
     parser.add_argument("--from-json", type=Path, help="print the table and draw the plot of an earlier run")
     args = parser.parse_args()
     if args.from_json:

@@ -19,7 +19,6 @@ own, .venv-models: timm needs torchvision, and torchvision a torch built with it
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sys
 import types
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from _harness import scope_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,20 +42,12 @@ def _digest(out: Any) -> str:
 
 def _step(mode: str, context: str, call: Callable[[], Any]) -> Callable[[], Any]:
     ctx = getattr(torch, context)
-    scope: Any = None
-    if mode == "pooled":
-        import poolscope
-
-        scope = poolscope.pool_scope
+    scope = scope_for(mode)
     last: dict[str, Any] = {}
 
     def step() -> Any:
-        with ctx():
-            if scope is None:
-                out = call()
-            else:
-                with scope():
-                    out = call()
+        with ctx(), scope():
+            out = call()
         last["out"] = out
         return out
 
@@ -267,15 +259,10 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> bool:
 
 
 def main() -> int:
-    from _harness import Case, machine, markdown, peers, side_by_side, versus_fastest, write_json
+    from _harness import Case, arguments, machine, markdown, peers, side_by_side, versus_fastest, write_json
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
-    parser.add_argument("--only", help="run the models whose row contains this")
+    parser = arguments(__doc__, rounds=1, repeats=5)
     parser.add_argument("--contexts", default="no_grad,inference_mode")
-    parser.add_argument("--smoke", action="store_true", help="tiny configs, one round: checks that it runs")
     parser.add_argument("--from-json", type=Path, help="draw the plot of an earlier run's results")
     args = parser.parse_args()
     if args.from_json:

@@ -12,7 +12,6 @@ initialises no device: the first scope does.
 """
 
 from ._decorator import pooled_forward, unpool
-from ._engine import engine
 from ._errors import (
     EscapeError,
     PoolscopeError,
@@ -24,11 +23,12 @@ from ._errors import (
 from ._pool import TensorPool, get_pool, release_unused
 from ._report import report, reset_report
 from ._scope import PoolScope, pool_scope
-from ._seed import GlobalMemoryPool, get_global_memory_pool
+from ._handwritten import GlobalMemoryPool, get_global_memory_pool
 from ._snapshot import dump_snapshot, snapshot
 from ._stats import PoolStats, ScopeStats
+from .engines import engine
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 __all__ = [
     "EscapeError",

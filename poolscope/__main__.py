@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build() -> int:
-    from ._build import BuildError, build_dir, load
+    from .engines.build import BuildError, build_dir, load
 
     try:
         load(verbose=False, rebuild_broken=True)

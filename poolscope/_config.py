@@ -216,7 +216,7 @@ def load_environment(env: Mapping[str, str]) -> Environment:
     POOLSCOPE_DISABLE: 1/true/yes/on makes every scope pass-through (as POOLSCOPE_ENGINE=passthrough).
     POOLSCOPE_THRESHOLD: the default threshold, e.g. "4MiB".
     POOLSCOPE_MAX_CACHED: the default max_cached_bytes of get_pool()'s pools, or "none".
-    POOLSCOPE_RELEASE_AFTER: outermost-scope exits that size a pool's working set (default 100).
+    POOLSCOPE_RELEASE_AFTER: outermost-scope exits without a reuse after which cached memory is released (default 100).
     POOLSCOPE_RELEASE_IDLE_S: seconds after which unused cached memory goes back by itself (default 10;
         0 or "none" turns it off).
     POOLSCOPE_ENGINE: "native" (fail loudly if it cannot be built) or "passthrough"; unset picks native

@@ -11,7 +11,9 @@ import wrapt
 from ._config import DEFAULT_THRESHOLD, ByteSize, DeviceLike
 from ._errors import PoolscopeTypeError, PoolscopeValueError
 from ._pool import TensorPool
-from ._scope import PoolScope, Settings, make_settings
+from ._options import scope_options
+from ._scope import PoolScope
+from .engines.base import ScopeOptions
 
 __all__ = ["pooled_forward", "unpool"]
 
@@ -56,8 +58,8 @@ def pooled_forward(
     Works bare or with :func:`pool_scope`'s keyword arguments, on functions,
     methods, ``nn.Module.forward`` at class level, staticmethods and
     classmethods; keeps ``__name__``, ``__doc__`` and the signature. An
-    instance whose ``enable_memory_pool`` attribute is ``False`` (the seed's
-    per-module switch) runs the forward without a scope.
+    instance whose ``enable_memory_pool`` attribute is ``False`` (the per-module
+    switch of the hand-written pools) runs the forward without a scope.
 
     Example::
 
@@ -96,7 +98,7 @@ def pooled_forward(
         strict=strict, enable_profiling=enable_profiling,
     )
     if wrapped is None:
-        make_settings(**keywords, name=name)  # fail here, at decoration, on a bad setting
+        scope_options(**keywords, name=name)  # fail here, at decoration, on a bad setting
         return functools.partial(pooled_forward, **keywords, name=name)
     if isinstance(wrapped, type):
         raise PoolscopeTypeError(
@@ -105,16 +107,16 @@ def pooled_forward(
         )
     if isinstance(wrapped, torch.nn.Module):
         module_name = f"{type(wrapped).__qualname__}.forward"
-        return _pool_instance(wrapped, make_settings(**keywords, name=module_name if name is None else name))
+        return _pool_instance(wrapped, scope_options(**keywords, name=module_name if name is None else name))
     if not (callable(wrapped) or isinstance(wrapped, (staticmethod, classmethod))):
         raise PoolscopeTypeError(
             f"pooled_forward needs a function or method; got {wrapped!r} of type {type(wrapped).__name__}"
         )
     qualname = getattr(getattr(wrapped, "__func__", wrapped), "__qualname__", None)
-    return _in_scope(make_settings(**keywords, name=qualname if name is None else name))(wrapped)
+    return _in_scope(scope_options(**keywords, name=qualname if name is None else name))(wrapped)
 
 
-def _in_scope(settings: Settings) -> Any:
+def _in_scope(options: ScopeOptions) -> Any:
     is_compiling = torch.compiler.is_compiling
 
     @wrapt.decorator
@@ -123,7 +125,7 @@ def _in_scope(settings: Settings) -> Any:
         # forward without graph breaks; the compiled code runs unpooled.
         if is_compiling() or (instance is not None and getattr(instance, "enable_memory_pool", True) is False):
             return wrapped(*args, **kwargs)
-        with PoolScope(settings):
+        with PoolScope(options):
             return wrapped(*args, **kwargs)
 
     return run_in_scope
@@ -133,14 +135,14 @@ _SAVED = "_poolscope_unpooled_forward"
 _NOTHING = object()
 
 
-def _pool_instance(module: torch.nn.Module, settings: Settings) -> torch.nn.Module:
+def _pool_instance(module: torch.nn.Module, options: ScopeOptions) -> torch.nn.Module:
     if _SAVED in module.__dict__:
         raise PoolscopeValueError(
             f"this {type(module).__name__} is already pooled; call poolscope.unpool(module) first to change settings"
         )
     # An instance attribute shadows the class's forward for this module only.
     module.__dict__[_SAVED] = module.__dict__.get("forward", _NOTHING)
-    module.__dict__["forward"] = _in_scope(settings)(module.forward)
+    module.__dict__["forward"] = _in_scope(options)(module.forward)
     return module
 
 

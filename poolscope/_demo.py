@@ -1,6 +1,6 @@
 """The workload behind ``python -m poolscope``: long-sequence dilated attention, plain vs pooled.
 
-Written the way the seed's modules are: every forward allocates a
+Written the way hand-written-pool modules are: every forward allocates a
 zero-initialised output accumulator and per-branch scratch buffers as large
 as the input, then runs segment attention over dilated token subsets.
 """

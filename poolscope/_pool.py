@@ -9,9 +9,10 @@ from typing import Any, Optional
 import torch
 
 from ._config import ENV, ByteSize, DeviceLike, parse_count, parse_device, parse_limit, parse_seconds
-from ._frames import clean_blocks
-from ._engine import NO_LIMIT, Engine, PoolBackend, engine_for
+from ._diagnostics import clean_blocks
 from ._stats import PoolStats
+from .engines import engine_for
+from .engines.base import Engine, PoolBackend, PoolLimits
 
 __all__ = ["TensorPool", "all_pools", "get_pool", "release_unused"]
 
@@ -20,23 +21,15 @@ _SHARED: dict[torch.device, TensorPool] = {}
 _ALL: weakref.WeakSet[TensorPool] = weakref.WeakSet()
 
 
-def _limit(value: Optional[int]) -> int:
-    return NO_LIMIT if value is None else value
-
-
-def _micros(seconds: Optional[float]) -> int:
-    return NO_LIMIT if seconds is None else max(1, round(seconds * 1e6))
-
-
 class TensorPool:
     """A cache of memory blocks on one device, lent to the large tensors that scopes route to it.
 
-    Blocks come back on their own when the last reference to their memory
-    dies; there is no deallocate. Cached memory goes back to the system when
+    A block is freed into the pool the moment the last reference to its memory
+    dies; there is no deallocate. Cached memory is released to the system when
     no allocation reused it during the last ``release_after`` outermost-scope
     exits, or when nothing used it for ``release_idle_s`` seconds, whichever
     comes first: the second needs no call and no scope exit (a background
-    thread of the native engine does it).
+    thread does it).
 
     Example::
 
@@ -50,20 +43,21 @@ class TensorPool:
         device: the device whose memory this pool holds.
         max_cached_bytes: cap on idle cached bytes (int or "512MiB"); None for no cap.
         max_bytes: hard limit on bytes in use plus cached, like CuPy's ``set_limit``;
-            None for none. Past it the pool gives back its cache and tries again,
+            None for none. Past it the pool releases its cache and tries again,
             then lets PyTorch's ordinary allocator serve the request (``fallbacks``).
-        release_after: outermost-scope exits that size the working set (default 100,
-            or POOLSCOPE_RELEASE_AFTER); 0 gives every idle block back at each
-            outermost exit.
-        release_idle_s: seconds after which cached memory nothing used goes back by
+        release_after: cached memory that no allocation reused during this many
+            outermost-scope exits is released (default 100, or POOLSCOPE_RELEASE_AFTER);
+            0 releases every cached block at each outermost exit.
+        release_idle_s: seconds after which cached memory nothing used is released by
             itself (default 10, or POOLSCOPE_RELEASE_IDLE_S); None or 0 turns it off.
 
     Raises:
         PoolscopeTypeError, PoolscopeValueError: for a bad device, cap or count.
 
     Limits:
-        On a device without a native route (anything but CPU today) the pool stays
-        empty and scopes routed to it pass allocations through.
+        CPU pools are the native engine's; CUDA pools are ``torch.cuda.MemPool``s
+        (the ``mempool`` engine: no ``max_bytes``, no hit figures). On any other
+        device the pool stays empty and scopes routed to it pass allocations through.
     """
 
     def __init__(
@@ -81,10 +75,7 @@ class TensorPool:
         self._release_after = parse_count(release_after, "release_after")
         self._release_idle = parse_seconds(release_idle_s, "release_idle_s")
         self._engine: Engine = engine_for(self._device)
-        self._backend: PoolBackend = self._engine.new_pool(
-            self._device, _limit(self._max_cached), _limit(self._max_bytes), self._release_after,
-            _micros(self._release_idle),
-        )
+        self._backend: PoolBackend = self._engine.new_pool(self._device, self._limits())
         self._warned_cap = False
         _ALL.add(self)
 
@@ -94,17 +85,18 @@ class TensorPool:
 
     @property
     def engine(self) -> str:
-        """The engine behind this pool: ``"native"`` or ``"passthrough"``."""
+        """The engine behind this pool: ``"native"``, ``"mempool"`` or ``"passthrough"``."""
         return self._engine.name
 
+    def _limits(self) -> PoolLimits:
+        return PoolLimits(self._max_cached, self._max_bytes, self._release_after, self._release_idle)
+
     def _configure(self) -> None:
-        self._backend.configure(
-            _limit(self._max_cached), _limit(self._max_bytes), self._release_after, _micros(self._release_idle)
-        )
+        self._backend.configure(self._limits())
 
     @property
     def max_cached_bytes(self) -> Optional[int]:
-        """Cap on the idle bytes this pool keeps; None means no cap. Lowering it frees the excess at once."""
+        """Cap on the idle bytes this pool keeps; None means no cap. Lowering it releases the excess at once."""
         return self._max_cached
 
     @max_cached_bytes.setter
@@ -124,7 +116,7 @@ class TensorPool:
 
     @property
     def release_after(self) -> int:
-        """Outermost-scope exits over which the working set is measured."""
+        """Cached memory no allocation reused during this many outermost-scope exits is released."""
         return self._release_after
 
     @release_after.setter
@@ -134,7 +126,7 @@ class TensorPool:
 
     @property
     def release_idle_s(self) -> Optional[float]:
-        """Seconds after which unused cached memory goes back by itself; None means never."""
+        """Seconds after which unused cached memory is released by itself; None means never."""
         return self._release_idle
 
     @release_idle_s.setter
@@ -144,14 +136,14 @@ class TensorPool:
 
     def stats(self) -> PoolStats:
         """A snapshot of this pool's figures."""
-        return PoolStats.from_figures(str(self._device), self._backend.stats())
+        return self._backend.stats()
 
     def empty_cache(self) -> None:
-        """Give every cached block back to the system. Blocks lent to live tensors are untouched."""
+        """Release every cached block to the system. Blocks lent to live tensors are untouched."""
         self._backend.release(True)
 
     def trim(self) -> None:
-        """Give back cached memory beyond what the working set needs (what scope exits do)."""
+        """Release the cached memory no allocation reused during the last ``release_after`` exits (what exits do)."""
         self._backend.release(False)
 
     def segments(self) -> list[dict[str, Any]]:
@@ -204,7 +196,7 @@ def all_pools() -> list[TensorPool]:
 
 
 def release_unused() -> None:
-    """Give every pool's cached memory back to the system (live tensors keep theirs).
+    """Release every pool's cached memory to the system (live tensors keep theirs).
 
     Example::
 

@@ -2,35 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
-import warnings
 from dataclasses import dataclass, field
-from types import FrameType
-from typing import Any, Optional
+from typing import Any
 
-from ._errors import PoolscopeWarning
+from ._diagnostics import warn_at_caller
 from ._pool import all_pools
-from ._stats import ScopeStats
+from ._stats import ScopeStats, hit_rate
 
-__all__ = ["record", "report", "reset_report", "report_rows", "warn_at_caller"]
+__all__ = ["record", "report", "reset_report", "report_rows"]
 
 IDLE_CALLS_WARNING = 100  # a named scope that routed nothing in this many calls is suspicious
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-def warn_at_caller(message: str, category: type[Warning] = PoolscopeWarning) -> None:
-    """Warn, attributed to the first frame outside poolscope, contextlib and wrapt: the user's line."""
-    import contextlib
-
-    skipped = (_PACKAGE_DIR, os.path.abspath(contextlib.__file__))
-    level = 1
-    frame: Optional[FrameType] = sys._getframe(1)
-    while frame is not None and (frame.f_code.co_filename.startswith(skipped) or "wrapt" in frame.f_code.co_filename):
-        frame = frame.f_back
-        level += 1
-    warnings.warn(message, category, stacklevel=level + 1)
 
 
 @dataclass
@@ -47,13 +29,9 @@ class ReportRow:
     warned_idle: bool = False
     escapes: list[Any] = field(default_factory=list)  # backends of calls whose tensors are still alive
 
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.allocations_routed if self.allocations_routed else 0.0
-
     def bytes_in_use(self) -> int:
         """Pooled bytes lent during this scope's calls that are still alive."""
-        alive = [(b, b.stats()["bytes_in_use"]) for b in self.escapes]
+        alive = [(b, b.stats().bytes_in_use) for b in self.escapes]
         self.escapes = [b for b, n in alive if n]
         return sum(n for _, n in alive)
 
@@ -121,7 +99,7 @@ def report() -> str:
     nested scopes included); live MiB (pooled bytes from finished calls still
     alive now: outputs you kept); escaped (tensors alive at a call's exit);
     fallbacks (served by the ordinary allocator); alloc ms (time in the pool).
-    Under the table, one line per pool that gave memory back to the system:
+    Under the table, one line per pool that released memory to the system:
     what no allocation reused for ``release_after`` exits, and what sat idle
     for ``release_idle_s`` seconds.
 
@@ -135,7 +113,7 @@ def report() -> str:
             str(r.calls),
             str(r.allocations_routed),
             _mib(r.bytes_routed),
-            f"{r.hit_rate:.0%}",
+            f"{hit_rate(r.hits, r.allocations_routed):.0%}",
             _mib(r.peak_bytes_in_use),
             _mib(r.bytes_in_use()),
             str(r.escaped),
@@ -156,13 +134,13 @@ def report() -> str:
 
 
 def _released_lines() -> list[str]:
-    """One line per pool that gave memory back by exits or by idle time (none otherwise)."""
+    """One line per pool that released memory by exits or by idle time (none otherwise)."""
     lines = []
     for pool in all_pools():
         stats = pool.stats()
         if stats.bytes_released_by_exits or stats.bytes_released_by_time:
             lines.append(
-                f"pool {stats.device}: {_mib(stats.bytes_cached)} MiB cached; given back "
+                f"pool {stats.device}: {_mib(stats.bytes_cached)} MiB cached; released "
                 f"{_mib(stats.bytes_released_by_exits)} MiB unused for {stats.release_after} exits, "
                 f"{_mib(stats.bytes_released_by_time)} MiB idle for {stats.release_idle_s or 0:g} s"
             )

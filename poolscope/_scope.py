@@ -1,4 +1,4 @@
-"""``pool_scope``: serve a thread's large allocations from a pool, and give them back automatically.
+"""``pool_scope``: serve a thread's large allocations from a pool, and return them to it automatically.
 
 A scope belongs to the thread that enters it, as ``torch.no_grad`` does:
 entering pushes it on that thread's stack of open scopes (kept in C++ by the
@@ -15,97 +15,25 @@ import contextlib
 import functools
 import gc
 import logging
+import re
 import threading
-import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
 from . import _report
-from ._config import (
-    CAPTURE_MODES,
-    DEFAULT_THRESHOLD,
-    ON_LIMIT,
-    ByteSize,
-    DeviceLike,
-    check_bool,
-    check_name,
-    parse_choice,
-    parse_device,
-    parse_limit,
-    parse_threshold,
-)
-from ._engine import NO_LIMIT, ScopeBackend
-from ._frames import clean_blocks, describe_block
-from ._errors import EscapeError, PoolscopeError, PoolscopeTypeError, PoolscopeValueError, ScopeLimitError
+from ._config import DEFAULT_THRESHOLD, ByteSize, DeviceLike
+from ._diagnostics import clean_blocks, limit_report, log, log_pool_changes, warn_at_caller
+from ._errors import EscapeError, PoolscopeError, ScopeLimitError
+from ._options import scope_options
 from ._pool import TensorPool, get_pool
-from ._report import warn_at_caller
 from ._stats import PoolStats, ScopeStats
 from ._torch_compat import profiler_enabled
+from .engines.base import ScopeBackend, ScopeOptions, ScopeSlot
 
 __all__ = ["PoolScope", "pool_scope"]
 
-_log = logging.getLogger("poolscope")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """A scope's validated settings; decorators copy them for every call."""
-
-    device: Optional[torch.device]
-    threshold: int
-    pool: Optional[TensorPool]
-    max_bytes: Optional[int]
-    on_limit: str
-    strict: bool
-    name: Optional[str]
-    profiling: bool
-    ticks: bool = True  # False for poolscope's own scopes: their exits do not size the working set
-
-
-def make_settings(
-    device: Optional[DeviceLike],
-    threshold: ByteSize,
-    capture: str,
-    pool: Optional[TensorPool],
-    max_bytes: Optional[ByteSize],
-    on_limit: str,
-    strict: bool,
-    name: Optional[str],
-    enable_profiling: bool,
-) -> Settings:
-    dev = None if device is None else parse_device(device)
-    if parse_choice(capture, "capture", CAPTURE_MODES) == "factories":
-        warnings.warn(
-            "pool_scope(capture='factories') is deprecated and means the same as the default: the native engine "
-            "sees every allocation, factory or not, and pools each one of at least `threshold` bytes; drop the argument",
-            DeprecationWarning,
-            stacklevel=4,
-        )
-    if pool is not None and not isinstance(pool, TensorPool):
-        raise PoolscopeTypeError(
-            f"pool must be a poolscope.TensorPool or None; got {pool!r} of type {type(pool).__name__}"
-        )
-    if max_bytes is not None and ((dev is not None and dev.type == "cuda") or (pool is not None and pool.device.type == "cuda")):
-        raise PoolscopeValueError(
-            f"max_bytes={max_bytes!r} cannot be enforced on CUDA: torch.cuda.MemPool has no per-pool limit; "
-            "drop max_bytes for CUDA scopes (torch.cuda.set_per_process_memory_fraction bounds the whole device)"
-        )
-    if pool is not None and dev is not None and pool.device != dev:
-        raise PoolscopeValueError(
-            f"pool is on {pool.device} but device={str(dev)!r}; pass one of them or make them agree"
-        )
-    return Settings(
-        device=dev,
-        threshold=parse_threshold(threshold),
-        pool=pool,
-        max_bytes=parse_limit(max_bytes, "max_bytes"),
-        on_limit=parse_choice(on_limit, "on_limit", ON_LIMIT),
-        strict=check_bool(strict, "strict"),
-        name=check_name(name),
-        profiling=check_bool(enable_profiling, "enable_profiling"),
-    )
+_REFUSAL = re.compile(r"\[poolscope refusal #(\d+)\]")
 
 
 class _AsyncSafe:
@@ -138,11 +66,11 @@ class PoolScope(contextlib.ContextDecorator):
     # engine's push and pop (see _AsyncSafe), so that an asynchronous exception
     # (KeyboardInterrupt, a signal handler's) cannot leave a scope open.
     __enter__ = _AsyncSafe(lambda self: functools.partial(self._pool()._engine.enter_then, self._prepare, self))
-    __exit__ = _AsyncSafe(lambda self: functools.partial(self._pool()._engine.exit_then, self, self._after_exit))
+    __exit__ = _AsyncSafe(lambda self: functools.partial(self._pool()._engine.exit_then, self._slot, self._after_exit))
 
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._backend: Optional[ScopeBackend] = None
+    def __init__(self, options: ScopeOptions) -> None:
+        self._options = options
+        self._slot = ScopeSlot()
         self._owner: Optional[int] = None
         self._active = False
         self._final: Optional[ScopeStats] = None
@@ -151,26 +79,30 @@ class PoolScope(contextlib.ContextDecorator):
 
     def _recreate_cm(self) -> PoolScope:
         # Each call of a decorated function gets a scope of its own.
-        return PoolScope(self._settings)
+        return PoolScope(self._options)
+
+    @property
+    def _backend(self) -> Optional[ScopeBackend]:
+        return self._slot.backend
 
     @property
     def name(self) -> Optional[str]:
-        return self._settings.name
+        return self._options.name
 
     @property
     def threshold(self) -> int:
         """Allocations of at least this many bytes are pooled."""
-        return self._settings.threshold
+        return self._options.threshold
 
     @property
     def max_bytes(self) -> Optional[int]:
         """The most pooled bytes alive at once on this scope's behalf; None for no limit."""
-        return self._settings.max_bytes
+        return self._options.max_bytes
 
     @property
     def device(self) -> torch.device:
         """The device this scope routes."""
-        s = self._settings
+        s = self._options
         return s.pool.device if s.pool is not None else (s.device or torch.device("cpu"))
 
     @property
@@ -182,25 +114,8 @@ class PoolScope(contextlib.ContextDecorator):
         """This scope's figures: live while it is active, final after it exits."""
         if self._final is not None:
             return self._final
-        if self._backend is None:
-            return ScopeStats(name=self.name)
-        return self._live_stats(escaped=None)
-
-    def _live_stats(self, escaped: Optional[int]) -> ScopeStats:
-        assert self._backend is not None
-        f = self._backend.stats()
-        return ScopeStats(
-            name=self.name,
-            allocations_routed=f["allocations_routed"],
-            bytes_routed=f["bytes_routed"],
-            hits=f["hits"],
-            misses=f["misses"],
-            fallbacks=f["fallbacks"],
-            escaped=f["blocks_in_use"] if escaped is None else escaped,
-            bytes_in_use=f["bytes_in_use"],
-            peak_bytes_in_use=f["peak_bytes_in_use"],
-            alloc_seconds=f["alloc_seconds"],
-        )
+        backend = self._backend
+        return ScopeStats(name=self.name) if backend is None else backend.stats()
 
     def reset_peak(self) -> None:
         """Restart ``stats.peak_bytes_in_use`` from the bytes alive now (while active)."""
@@ -216,42 +131,34 @@ class PoolScope(contextlib.ContextDecorator):
         return [] if self._backend is None else clean_blocks(self._backend.live_blocks())
 
     def __repr__(self) -> str:
-        s = self._settings
+        s = self._options
         return (
             f"PoolScope(device={str(self.device)!r}, threshold={s.threshold}, max_bytes={s.max_bytes}, "
             f"on_limit={s.on_limit!r}, strict={s.strict}, name={s.name!r}, active={self._active})"
         )
 
     def _pool(self) -> TensorPool:
-        s = self._settings
+        s = self._options
         return s.pool if s.pool is not None else get_pool(self.device)
 
     def _prepare(self) -> ScopeBackend:
         """Everything of entering but the push: runs before it, in Python."""
         if self._active:
             raise PoolscopeError(f"{self!r} is already active; create a new pool_scope() for a nested scope")
-        s = self._settings
+        s = self._options
         pool = self._pool()
-        backend = pool._engine.new_scope(
-            pool._backend,
-            s.threshold,
-            NO_LIMIT if s.max_bytes is None else s.max_bytes,
-            s.on_limit == "fallback",
-            s.profiling,
-            s.name or "",
-            s.ticks,
-        )
+        backend = pool._engine.new_scope(pool._backend, s)
         if pool.max_cached_bytes is not None and pool.max_cached_bytes < s.threshold and not pool._warned_cap:
             pool._warned_cap = True
             warn_at_caller(
                 f"the {pool.device} pool caps its cache at max_cached_bytes={pool.max_cached_bytes}, below this "
                 f"scope's threshold={s.threshold}: no block it lends can be kept for reuse; raise the cap"
             )
-        self._logged_from = pool.stats() if _log.isEnabledFor(logging.DEBUG) else None
+        self._logged_from = pool.stats() if log.isEnabledFor(logging.DEBUG) else None
         if profiler_enabled():
             self._range = torch.autograd.profiler.record_function(f"poolscope:{s.name or 'pool_scope'}")
             self._range.__enter__()
-        self._backend, self._final, self._owner = backend, None, threading.get_ident()
+        self._slot.backend, self._final, self._owner = backend, None, threading.get_ident()
         self._active = True
         return backend
 
@@ -271,14 +178,14 @@ class PoolScope(contextlib.ContextDecorator):
             rng.__exit__(None, None, None)
         self._finish()
         if self._logged_from is not None:
-            _log_pool_changes(self._logged_from, self._pool().stats())
+            log_pool_changes(self._logged_from, self._pool().stats())
         assert self._backend is not None and self._final is not None
         if exc_type is not None and issubclass(exc_type, torch.OutOfMemoryError) and not isinstance(exc, ScopeLimitError):
-            refused = self._backend.limit_error()
-            if refused is not None and refused[0] in str(exc):
-                message, blocks = refused
-                raise ScopeLimitError(_limit_report(message, clean_blocks(blocks))) from exc
-        if self._settings.strict and self._final.escaped and exc_type is None:
+            refusal = self._backend.refusal()
+            serial = _REFUSAL.search(str(exc))
+            if refusal is not None and serial is not None and int(serial.group(1)) == refusal.serial:
+                raise ScopeLimitError(limit_report(refusal.message, clean_blocks(refusal.blocks))) from exc
+        if self._options.strict and self._final.escaped and exc_type is None:
             raise EscapeError(
                 f"pool_scope(strict=True{'' if self.name is None else f', name={self.name!r}'}) exited with "
                 f"{self._final.escaped} pooled tensor(s) still alive; drop every reference to tensors created "
@@ -288,37 +195,11 @@ class PoolScope(contextlib.ContextDecorator):
 
     def _finish(self) -> None:
         assert self._backend is not None
-        if self._settings.strict and self._backend.stats()["blocks_in_use"]:
+        if self._options.strict and self._backend.stats().escaped:
             gc.collect()  # tensors held only by garbage cycles are not escapes
-        self._final = self._live_stats(escaped=None)
+        self._final = self._backend.stats()
         if self.name is not None:
-            _report.record(self._final, self._settings.threshold, self._backend)
-
-
-def _log_pool_changes(before: PoolStats, after: PoolStats) -> None:
-    grown = after.misses - before.misses
-    if grown:
-        _log.debug("pool %s grew: %d allocation(s) needed new memory; %d segment(s) now", after.device, grown, after.segments)
-    released = after.bytes_released - before.bytes_released
-    if after.evictions > before.evictions:
-        _log.debug(
-            "pool %s gave back %d byte(s) in %d release(s); working set %d bytes",
-            after.device, released, after.evictions - before.evictions, after.working_set_bytes,
-        )
-    if after.fallbacks > before.fallbacks:
-        _log.debug("pool %s: %d allocation(s) served by the ordinary allocator", after.device, after.fallbacks - before.fallbacks)
-
-
-def _limit_report(message: str, blocks: list[dict[str, Any]]) -> str:
-    lines = [message]
-    if blocks:
-        lines.append("Alive when it was refused:")
-        lines += [f"  - {describe_block(b)}" for b in blocks[:20]]
-        if len(blocks) > 20:
-            lines.append(f"  ... and {len(blocks) - 20} more")
-        if not any(b["frames"] for b in blocks):
-            lines.append("(pass enable_profiling=True to see where each block was allocated)")
-    return "\n".join(lines)
+            _report.record(self._final, self._options.threshold, self._backend)
 
 
 def pool_scope(
@@ -333,7 +214,7 @@ def pool_scope(
     name: Optional[str] = None,
     enable_profiling: bool = False,
 ) -> PoolScope:
-    """Serve this thread's large allocations from a pool, and give them back automatically.
+    """Serve this thread's large allocations from a pool, and return them to it automatically.
 
     Inside the scope every CPU allocation of at least ``threshold`` bytes that
     this thread makes (factories, op outputs, multi-output and fused kernels,
@@ -385,5 +266,7 @@ def pool_scope(
         suspended inside a scope leaves it routing whatever else runs on that thread,
         as ``torch.no_grad`` would. Pinned memory is never pooled.
     """
-    settings = make_settings(device, threshold, capture, pool, max_bytes, on_limit, strict, name, enable_profiling)
-    return PoolScope(settings)
+    return PoolScope(scope_options(
+        device=device, threshold=threshold, capture=capture, pool=pool, max_bytes=max_bytes, on_limit=on_limit,
+        strict=strict, name=name, enable_profiling=enable_profiling,
+    ))

@@ -1,9 +1,21 @@
-"""Immutable figures reported by pools and scopes."""
+"""Immutable figures reported by pools and scopes: the one place their names are defined.
+
+Every engine returns these (the native engine builds them in ``csrc/bindings.cpp``), and
+``report()`` and the docs use the same names.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, Optional
+
+__all__ = ["LimitRefusal", "PoolStats", "ScopeStats", "hit_rate"]
+
+
+def hit_rate(hits: int, allocations: int) -> float:
+    """Share of routed allocations served from cached memory (0.0 when none)."""
+    return hits / allocations if allocations else 0.0
 
 
 @dataclass(frozen=True)
@@ -17,7 +29,7 @@ class PoolStats:
     during the last ``release_after`` outermost-scope exits goes back to the
     system (``bytes_released_by_exits``), and so does memory nothing used for
     ``release_idle_s`` seconds (``bytes_released_by_time``); ``bytes_released``
-    and ``evictions`` count every release, caps and ``empty_cache`` included.
+    and ``releases`` count every release, caps, growth and ``empty_cache`` included.
     ``working_set_bytes`` is a figure only: the most bytes in use between two
     outermost exits, over the last ``release_after`` of them. ``fallbacks``
     counts requests the ordinary allocator served because the pool could not grow.
@@ -34,7 +46,7 @@ class PoolStats:
     segments: int
     hits: int
     misses: int
-    evictions: int
+    releases: int
     bytes_released: int
     bytes_released_by_exits: int
     bytes_released_by_time: int
@@ -45,9 +57,12 @@ class PoolStats:
     release_after: int
     release_idle_s: Optional[float]
 
-    @classmethod
-    def from_figures(cls, device: str, figures: dict[str, Any]) -> PoolStats:
-        return cls(device=device, **{f.name: figures[f.name] for f in fields(cls) if f.name != "device"})
+    @property
+    def evictions(self) -> int:
+        """Deprecated name of ``releases`` (until poolscope 0.3)."""
+        warnings.warn("PoolStats.evictions is now PoolStats.releases; evictions goes in poolscope 0.3",
+                      DeprecationWarning, stacklevel=2)
+        return self.releases
 
 
 @dataclass(frozen=True)
@@ -78,4 +93,18 @@ class ScopeStats:
     @property
     def hit_rate(self) -> float:
         """Share of routed allocations served from cached memory (0.0 when none)."""
-        return self.hits / self.allocations_routed if self.allocations_routed else 0.0
+        return hit_rate(self.hits, self.allocations_routed)
+
+
+@dataclass(frozen=True)
+class LimitRefusal:
+    """A scope's last allocation refused past a ``max_bytes``: what the error says, and what was alive.
+
+    ``serial`` is unique in the process and ends the ``torch.OutOfMemoryError`` message the
+    refusal raised (``[poolscope refusal #N]``), so a scope tells its own refusal apart from
+    any other out-of-memory error by number.
+    """
+
+    serial: int
+    message: str
+    blocks: list[dict[str, Any]] = field(default_factory=list)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import poolscope
-from poolscope._engine import engine_for
+from poolscope.engines import engine_for
 
 # scripts/test runs the suite against the installed package; it sets this to the checkout.
 _CHECKOUT = os.environ.get("POOLSCOPE_TEST_CHECKOUT")
@@ -40,7 +40,7 @@ def pool() -> poolscope.TensorPool:
 def open_scopes() -> int:
     """Scopes open on the calling thread (native engine)."""
     engine = engine_for(torch.device("cpu"))
-    return engine.module.thread_depth() if ENGINE == "native" else 0
+    return engine.module._test.thread_depth() if ENGINE == "native" else 0
 
 
 @pytest.fixture(autouse=True)

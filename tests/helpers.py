@@ -1,6 +1,12 @@
-"""Comparisons shared by the tests: results in a scope must equal results without one, bit for bit."""
+"""What the tests share: comparisons (results in a scope must equal results without one, bit for
+bit), sizes and paths, and running code in a fresh interpreter."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -35,3 +41,17 @@ def assert_same_tree(a: object, b: object) -> None:
             assert_same_tree(x, y)
     else:
         assert a == b
+
+
+# --- what many test files share --------------------------------------------------------------
+
+MiB = 1 << 20
+ROOT = Path(__file__).resolve().parent.parent  # the checkout (scripts/test runs a copy of it)
+
+
+def run_python(code: str, cwd: Path = ROOT, *, as_user: bool = False, **env: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter; ``as_user``: pick the engine as a user's process does,
+    whatever engine this run forces."""
+    base = {**os.environ, **({"POOLSCOPE_ENGINE": "", "POOLSCOPE_DISABLE": ""} if as_user else {})}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd,
+                          env={**base, **env}, timeout=600)

@@ -10,15 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from poolscope import _build
+from poolscope.engines import build as _build
+from helpers import run_python
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _python(code: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
-    # The engine is picked as a user's process picks it, whatever engine this run forces.
-    env = {**os.environ, "POOLSCOPE_ENGINE": "", "POOLSCOPE_DISABLE": "", **env}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
 def test_the_cache_is_keyed_by_torch_version_abi_python_and_sources():
@@ -29,7 +23,7 @@ def test_the_cache_is_keyed_by_torch_version_abi_python_and_sources():
 
 @pytest.mark.pools
 def test_a_built_engine_is_imported_not_compiled_again():
-    out = _python("import poolscope; print(poolscope.engine())")
+    out = run_python("import poolscope; print(poolscope.engine())", as_user=True)
     assert out.stdout.split() == ["native"]
     assert "compiling" not in out.stderr
 
@@ -46,7 +40,7 @@ def test_without_a_compiler_scopes_pass_through_and_say_why_once(tmp_path):
         "print(sum('native engine is unavailable' in str(w.message) for w in seen))\n"
         "print(seen[0].filename)\n"
     )
-    out = _python(code, CXX="/bin/false", POOLSCOPE_CACHE_DIR=str(tmp_path))
+    out = run_python(code, as_user=True, CXX="/bin/false", POOLSCOPE_CACHE_DIR=str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["passthrough", "0", "True"]
@@ -62,7 +56,7 @@ def test_when_native_is_required_a_failed_build_is_an_error(tmp_path):
         "except poolscope.PoolscopeError as exc:\n"
         "    print('error:', exc)\n"
     )
-    out = _python(code, CXX="/bin/false", POOLSCOPE_CACHE_DIR=str(tmp_path), POOLSCOPE_ENGINE="native")
+    out = run_python(code, as_user=True, CXX="/bin/false", POOLSCOPE_CACHE_DIR=str(tmp_path), POOLSCOPE_ENGINE="native")
     assert "error: POOLSCOPE_ENGINE=native, but the native engine is unavailable" in out.stdout, out.stderr[-2000:]
     assert "needs a working C++ compiler" in out.stdout
 
@@ -92,7 +86,7 @@ SCOPE_THEN_ENGINE = (
 
 def test_missing_sources_become_one_warning_and_passthrough_scopes(tmp_path):
     site = _broken_copy(tmp_path)
-    out = _python(SCOPE_THEN_ENGINE, tmp_path, PYTHONPATH=str(site), POOLSCOPE_CACHE_DIR=str(tmp_path / "cache"))
+    out = run_python(SCOPE_THEN_ENGINE, tmp_path, PYTHONPATH=str(site), POOLSCOPE_CACHE_DIR=str(tmp_path / "cache"), as_user=True)
     assert out.returncode == 0, out.stderr[-3000:]
     first, warned = out.stdout.splitlines()
     assert first.split() == ["passthrough", "0", "True"]
@@ -112,7 +106,7 @@ def test_the_build_command_fails_with_the_cause_not_a_traceback(tmp_path):
 
 
 def test_a_missing_compiler_is_named_with_the_package_to_install(tmp_path):
-    out = _python(SCOPE_THEN_ENGINE, CXX="/nonexistent/c++", POOLSCOPE_CACHE_DIR=str(tmp_path))
+    out = run_python(SCOPE_THEN_ENGINE, CXX="/nonexistent/c++", POOLSCOPE_CACHE_DIR=str(tmp_path), as_user=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "no C++ compiler: '/nonexistent/c++' is not on PATH" in out.stdout
     assert "apt install g++" in out.stdout and "dnf install gcc-c++" in out.stdout
@@ -120,7 +114,7 @@ def test_a_missing_compiler_is_named_with_the_package_to_install(tmp_path):
 
 def test_an_unwritable_cache_names_the_variable_that_moves_it(tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    out = _python(SCOPE_THEN_ENGINE, POOLSCOPE_CACHE_DIR=str(tmp_path / "file" / "cache"))
+    out = run_python(SCOPE_THEN_ENGINE, POOLSCOPE_CACHE_DIR=str(tmp_path / "file" / "cache"), as_user=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[:2] == ["passthrough", "0"]
     assert "cannot write the engine's build folder" in out.stdout and "POOLSCOPE_CACHE_DIR" in out.stdout
@@ -131,7 +125,7 @@ def test_a_damaged_cached_library_passes_through_and_the_build_command_rebuilds_
     where.mkdir()
     (where / "poolscope_native.so").write_bytes(b"not a library")
     (where / "built.ok").write_text("0 s\n")
-    out = _python(SCOPE_THEN_ENGINE, POOLSCOPE_CACHE_DIR=str(tmp_path))
+    out = run_python(SCOPE_THEN_ENGINE, POOLSCOPE_CACHE_DIR=str(tmp_path), as_user=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[:2] == ["passthrough", "0"]
     assert "cannot be loaded" in out.stdout and "python -m poolscope build" in out.stdout
@@ -146,7 +140,7 @@ def test_a_damaged_cached_library_passes_through_and_the_build_command_rebuilds_
 
 def test_other_platforms_pass_through_and_say_which_platform(tmp_path):
     code = "import sys, torch, poolscope; sys.platform = 'darwin'\n" + SCOPE_THEN_ENGINE
-    out = _python(code, POOLSCOPE_CACHE_DIR=str(tmp_path))
+    out = run_python(code, POOLSCOPE_CACHE_DIR=str(tmp_path), as_user=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[:2] == ["passthrough", "0"]
     assert "built and tested on Linux only, and this is 'darwin'" in out.stdout

@@ -8,13 +8,12 @@ import pytest
 import torch
 
 import poolscope
-from helpers import assert_same
+from helpers import MiB, assert_same
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-MiB = 1 << 20
 
 
 def test_cuda_scopes_use_the_mempool_engine():

@@ -14,8 +14,8 @@ from itertools import count
 import pytest
 import torch
 
-from poolscope._cuda import CudaEngine
-from poolscope._engine import NO_LIMIT
+from poolscope.engines.mempool import CudaEngine
+from poolscope.engines.base import PoolLimits, ScopeOptions
 
 DEVICE = torch.device("cuda", 0)
 
@@ -89,12 +89,12 @@ def engine(fake):
     return CudaEngine(fake)
 
 
-def new_pool(engine, release_after=100, release_idle_us=NO_LIMIT):
-    return engine.new_pool(DEVICE, NO_LIMIT, NO_LIMIT, release_after, release_idle_us)
+def new_pool(engine, release_after=100, release_idle_s=None):
+    return engine.new_pool(DEVICE, PoolLimits(release_after=release_after, release_idle_s=release_idle_s))
 
 
 def new_scope(engine, pool, profiling=False):
-    return engine.new_scope(pool, 1 << 20, NO_LIMIT, False, profiling, "", True)
+    return engine.new_scope(pool, ScopeOptions(threshold=1 << 20, profiling=profiling))
 
 
 def test_allocations_go_to_the_scope_pool_and_stop_at_exit(engine, fake):
@@ -175,15 +175,15 @@ def test_escapes_and_figures_come_from_the_pools_own_snapshot(engine, fake):
     _, dropped = fake.allocate(1 << 20)
     fake.free(p, dropped)
     first.exit()
-    assert first.stats()["blocks_in_use"] == 1 and first.stats()["bytes_in_use"] == 4 << 20
+    assert first.stats().escaped == 1 and first.stats().bytes_in_use == 4 << 20
     assert [b["address"] for b in first.live_blocks()] == [kept]
     second = new_scope(engine, pool)
     second.enter()
     fake.allocate(1 << 20)  # reuses the freed block
     second.exit()
-    assert second.stats()["blocks_in_use"] == 1  # the earlier scope's survivor is not counted again
+    assert second.stats().escaped == 1  # the earlier scope's survivor is not counted again
     stats = pool.stats()
-    assert stats["bytes_in_use"] == 5 << 20 and stats["blocks_in_use"] == 2 and stats["segments"] == 2
+    assert stats.bytes_in_use == 5 << 20 and stats.blocks_in_use == 2 and stats.segments == 2
 
 
 def test_a_pool_unused_for_release_after_exits_is_handed_back(engine, fake):
@@ -213,7 +213,7 @@ def _use_once(engine, fake, pool, size=8 << 20):
 def test_a_pool_nothing_used_for_release_idle_s_is_handed_back_by_time(fake):
     now = [100.0]
     engine = CudaEngine(fake, clock=lambda: now[0])
-    pool = new_pool(engine, release_idle_us=5_000_000)
+    pool = new_pool(engine, release_idle_s=5.0)
     _use_once(engine, fake, pool)
     now[0] += 4
     assert engine.release_idle() == pytest.approx(105.0) and fake.emptied == 0
@@ -221,13 +221,13 @@ def test_a_pool_nothing_used_for_release_idle_s_is_handed_back_by_time(fake):
     assert engine.release_idle() is None
     assert fake.emptied == 1 and pool.segments() == []
     stats = pool.stats()
-    assert stats["bytes_released_by_time"] == 8 << 20 and stats["bytes_released_by_exits"] == 0
+    assert stats.bytes_released_by_time == 8 << 20 and stats.bytes_released_by_exits == 0
 
 
 def test_a_pool_in_use_is_not_handed_back_by_time(fake):
     now = [0.0]
     engine = CudaEngine(fake, clock=lambda: now[0])
-    pool = new_pool(engine, release_idle_us=1_000_000)
+    pool = new_pool(engine, release_idle_s=1.0)
     _use_once(engine, fake, pool)
     scope = new_scope(engine, pool)
     scope.enter()  # open again: its memory is the scope's to use
@@ -243,12 +243,12 @@ def test_a_pool_in_use_is_not_handed_back_by_time(fake):
 def test_the_idle_releaser_runs_without_any_call(engine, fake):
     import time
 
-    pool = new_pool(engine, release_idle_us=50_000)
+    pool = new_pool(engine, release_idle_s=0.05)
     _use_once(engine, fake, pool)
     deadline = time.monotonic() + 5
     while fake.emptied == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert fake.emptied == 1 and pool.stats()["bytes_released_by_time"] == 8 << 20
+    assert fake.emptied == 1 and pool.stats().bytes_released_by_time == 8 << 20
 
 
 def test_a_pool_with_live_blocks_is_kept(engine, fake):
@@ -258,7 +258,7 @@ def test_a_pool_with_live_blocks_is_kept(engine, fake):
     fake.allocate(8 << 20)
     scope.exit()
     pool.release(everything=True)
-    assert fake.emptied == 0 and pool.stats()["blocks_in_use"] == 1
+    assert fake.emptied == 0 and pool.stats().blocks_in_use == 1
 
 
 def test_profiling_records_history(engine, fake):
@@ -269,7 +269,7 @@ def test_profiling_records_history(engine, fake):
 
 
 def test_without_cuda_cuda_devices_get_the_passthrough_engine():
-    from poolscope._engine import _pick_cuda_engine
+    from poolscope.engines import _pick_cuda_engine
     from poolscope._torch_compat import CudaAllocatorAPI
 
     if CudaAllocatorAPI.available():

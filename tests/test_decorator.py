@@ -9,9 +9,8 @@ import torch
 import torch.nn as nn
 
 import poolscope
-from helpers import assert_same
+from helpers import MiB, assert_same
 
-MiB = 1 << 20
 
 
 class Scratch(nn.Module):
@@ -47,7 +46,7 @@ def test_module_forward_bit_identical_and_pooled():
     middle = _pool_misses_and_hits()
     torch.manual_seed(3)
     b = plain_model(x, scale=2.0)
-    assert _pool_misses_and_hits() == middle  # the seed's switch turns pooling off
+    assert _pool_misses_and_hits() == middle  # the hand-written pools' per-module switch turns pooling off
     assert_same(a, b)
 
 

@@ -1,4 +1,4 @@
-"""Every Python block of the README and of docs/ runs as written (see docs_runner.py)."""
+"""Every Python block of the README and of docs/ runs as written (see tools/docs_runner.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from docs_runner import blocks
+from tools.docs_runner import blocks
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 WITH_CODE = [p for p in PAGES if blocks(p)]
 
@@ -22,7 +22,7 @@ def test_python_blocks_run(page, tmp_path):
     if _OLD_TORCH_NEW_PYTHON and "torch.compile" in page.read_text():
         pytest.skip("torch < 2.6 has no torch.compile on Python 3.13, and this page compiles")
     out = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("docs_runner.py")), str(page)],
+        [sys.executable, str(Path(__file__).with_name("tools") / "docs_runner.py"), str(page)],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-4000:]

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 import poolscope
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_suite_passes_under_the_passthrough_engine():
@@ -34,12 +34,13 @@ def test_the_suite_passes_under_the_passthrough_engine():
 
 def test_engine_names_and_the_passthrough_engine_in_this_process():
     assert poolscope.engine() in ("native", "passthrough")
-    from poolscope import _passthrough
+    from poolscope.engines import passthrough
+    from poolscope.engines.base import PoolLimits, ScopeOptions
 
-    engine = _passthrough.ENGINE
-    pool = engine.new_pool(torch.device("cpu"), -1, -1, 100, -1)
-    scope = engine.new_scope(pool, 0, -1, False, False, "", True)
+    engine = passthrough.ENGINE
+    pool = engine.new_pool(torch.device("cpu"), PoolLimits())
+    scope = engine.new_scope(pool, ScopeOptions(threshold=0))
     assert scope.exit() == "not_active"
     scope.enter()
-    assert scope.stats()["allocations_routed"] == 0 and pool.stats()["bytes_in_use"] == 0
+    assert scope.stats().allocations_routed == 0 and pool.stats().bytes_in_use == 0
     assert scope.exit() == "ok"

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import poolscope
+from helpers import MiB
 
-MiB = 1 << 20
 
 
 def _wait_for(condition, seconds: float) -> float:

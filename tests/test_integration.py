@@ -16,9 +16,8 @@ import torch.nn.functional as F
 
 import poolscope
 from conftest import needs_compile, needs_spawn
-from helpers import assert_same, assert_same_tree
+from helpers import MiB, assert_same, assert_same_tree
 
-MiB = 1 << 20
 
 
 class NoisyMLP(nn.Module):

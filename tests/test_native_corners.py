@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import poolscope
-from poolscope._engine import engine_for
+from poolscope.engines import engine_for
+from helpers import MiB
 
 pytestmark = pytest.mark.pools
-MiB = 1 << 20
 SIZE_MAX = (1 << 64) - 1
 
 
@@ -45,7 +45,7 @@ def test_scope_figures_are_read_without_holding_the_lock_while_python_runs(tmp_p
             gc.enable()
             figures = stats()
             gc.set_threshold(700)
-        print("routed", figures["allocations_routed"], "in use", poolscope.get_pool().stats().bytes_in_use)
+        print("routed", figures.allocations_routed, "in use", poolscope.get_pool().stats().bytes_in_use)
     """))
     out = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]

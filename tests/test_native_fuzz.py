@@ -1,11 +1,11 @@
-"""Randomized programs against the native engine (tests/native_fuzz.py), with fixed seeds."""
+"""Randomized programs against the native engine (tests/tools/native_fuzz.py), with fixed seeds."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from native_fuzz import run
+from tools.native_fuzz import run
 
 pytestmark = pytest.mark.pools
 

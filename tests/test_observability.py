@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import re
 import subprocess
@@ -16,9 +15,8 @@ import torch
 from torch.cuda import _memory_viz
 
 import poolscope
+from helpers import MiB, ROOT, run_python
 
-ROOT = Path(__file__).resolve().parent.parent
-MiB = 1 << 20
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +49,7 @@ def test_report_accumulates_named_scopes_sorted_by_bytes():
     text = poolscope.report()
     # The table; under it, one line per pool that gave memory back (shared pools may have).
     lines = [line for line in text.splitlines() if not line.startswith("pool ")]
-    assert all(re.match(r"pool cpu: .* MiB cached; given back .* MiB unused for \d+ exits, .* MiB idle for", line)
+    assert all(re.match(r"pool cpu: .* MiB cached; released .* MiB unused for \d+ exits, .* MiB idle for", line)
                for line in text.splitlines() if line.startswith("pool "))
     assert lines[0].split() == [
         "scope", "calls", "routed", "MiB", "routed", "hit", "rate", "peak", "MiB", "live", "MiB", "escaped", "fallbacks",
@@ -107,7 +105,7 @@ def test_logging_reports_growth_and_release(caplog):
             torch.zeros(MiB)
     messages = [r.getMessage() for r in caplog.records if r.name == "poolscope"]
     assert any("pool cpu grew: 1 allocation(s) needed new memory" in m for m in messages)
-    assert any("pool cpu gave back" in m for m in messages)
+    assert any("pool cpu released" in m for m in messages)
 
 
 def test_profiler_shows_scope_ranges():
@@ -193,12 +191,6 @@ def test_seed_profiling_records_frames():
     del t
 
 
-def _python(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, cwd=ROOT
-    )
-
-
 @pytest.mark.pools
 def test_environment_configuration():
     code = (
@@ -209,11 +201,11 @@ def test_environment_configuration():
         "print(s.stats.allocations_routed, poolscope.pool_scope().threshold, pool.max_cached_bytes, "
         "pool.release_after, poolscope.engine())\n"
     )
-    assert _python(code).stdout.split() == ["1", str(MiB), "None", "100", "native"]
-    assert _python(code, POOLSCOPE_DISABLE="1").stdout.split() == ["0", str(MiB), "None", "100", "passthrough"]
-    assert _python(code, POOLSCOPE_ENGINE="passthrough").stdout.split()[-1] == "passthrough"
-    assert _python(code, POOLSCOPE_ENGINE="native").stdout.split()[-1] == "native"
-    out = _python(
+    assert run_python(code).stdout.split() == ["1", str(MiB), "None", "100", "native"]
+    assert run_python(code, POOLSCOPE_DISABLE="1").stdout.split() == ["0", str(MiB), "None", "100", "passthrough"]
+    assert run_python(code, POOLSCOPE_ENGINE="passthrough").stdout.split()[-1] == "passthrough"
+    assert run_python(code, POOLSCOPE_ENGINE="native").stdout.split()[-1] == "native"
+    out = run_python(
         code, POOLSCOPE_THRESHOLD="8MiB", POOLSCOPE_MAX_CACHED="1GiB", POOLSCOPE_DISABLE="off", POOLSCOPE_RELEASE_AFTER="7"
     )
     assert out.stdout.split() == ["0", str(8 * MiB), str(1 << 30), "7", "native"]
@@ -234,7 +226,7 @@ def test_environment_configuration():
 def test_bad_environment_fails_at_import(name, value, match):
     import re
 
-    out = _python("import poolscope", **{name: value})
+    out = run_python("import poolscope", **{name: value})
     assert out.returncode != 0
     assert re.search(match, out.stderr), out.stderr
 

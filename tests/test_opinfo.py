@@ -1,4 +1,4 @@
-"""PyTorch's OpInfo database, run with and without a scope: nothing may differ (see opinfo_sweep.py).
+"""PyTorch's OpInfo database, run with and without a scope: nothing may differ (see tools/opinfo_sweep.py).
 
 CI runs a quick, diverse subset; ``pytest -m opinfo_full`` runs every op, and with
 POOLSCOPE_OPINFO_REPORT=path writes the figures as JSON.
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import poolscope
-from opinfo_sweep import UNINITIALISED, Tally, sweep
+from poolscope.engines import engine_for
+from tools.opinfo_sweep import UNINITIALISED, Tally, sweep
 
 pytestmark = pytest.mark.pools
 
@@ -71,7 +72,7 @@ def test_lstsq_with_gelsy_reads_uninitialised_memory_in_plain_pytorch():
     pool = _pool()
     results = []
     for garbage in (0x00, 0xA5, 0x5A, 0xFF):
-        pool._backend.fill_free(garbage)
+        engine_for(pool.device).module._test.fill_free(pool._backend, garbage)
         with poolscope.pool_scope(pool=pool, threshold=1):
             results.append(torch.linalg.lstsq(a, b, driver="gelsy").solution)
     if all(torch.equal(results[0], r) for r in results[1:]):
@@ -85,7 +86,7 @@ def test_lstsq_with_gelsy_reads_uninitialised_memory_in_plain_pytorch():
     try:
         filled = []
         for garbage in (0x00, 0xA5):
-            pool._backend.fill_free(garbage)
+            engine_for(pool.device).module._test.fill_free(pool._backend, garbage)
             with poolscope.pool_scope(pool=pool, threshold=1):
                 filled.append(torch.linalg.lstsq(a, b, driver="gelsy").solution)
         assert torch.equal(filled[0], filled[1])
@@ -127,6 +128,5 @@ def test_the_sweep_catches_a_difference():
 
 
 def _in_scope() -> bool:
-    from poolscope._engine import engine_for
 
-    return engine_for(torch.device("cpu")).module.thread_depth() > 0
+    return engine_for(torch.device("cpu")).module._test.thread_depth() > 0

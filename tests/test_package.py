@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 
 import poolscope
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_import_has_no_side_effects():
     code = (
         "import sys, torch, poolscope\n"
-        "from poolscope import _engine, _pool\n"
+        "from poolscope import engines, _pool\n"
         "from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as s\n"
         "assert not _pool._SHARED, 'a pool was created at import'\n"
-        "assert _engine._cpu_engine is None, 'an engine was chosen at import'\n"
+        "assert engines._cpu_engine is None, 'an engine was chosen at import'\n"
         "assert 'poolscope_native' not in sys.modules, 'the native engine was loaded at import'\n"
         "assert not torch.cuda.is_initialized()\n"
         "assert not s(), 'a mode was pushed at import'\n"
@@ -33,7 +33,7 @@ def test_import_has_no_side_effects():
 def test_allocator_is_installed_by_the_first_scope_not_before():
     code = (
         "import torch, poolscope\n"
-        "from poolscope._engine import engine_for\n"
+        "from poolscope.engines import engine_for\n"
         "poolscope.get_pool('cpu').stats()\n"
         "native = engine_for(torch.device('cpu')).module\n"
         "assert not native.installed(), 'a pool installed the allocator'\n"
@@ -99,3 +99,62 @@ def test_first_scope_does_not_import_dynamo():
         "assert 'torch._dynamo' not in sys.modules, 'the first scope imported torch._dynamo'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def _imports_of(path: Path, module: str, is_package: bool) -> set[str]:
+    """The poolscope modules ``module`` imports, at any level of its code (TYPE_CHECKING blocks aside)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    package = module if is_package else module.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, ast.Import):
+                found.update(a.name for a in child.names if a.name.startswith("poolscope"))
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    parts = package.split(".")
+                    parts = parts[: len(parts) - child.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                if base.startswith("poolscope"):
+                    found.add(base)
+                    found.update(f"{base}.{a.name}" for a in child.names)  # `from . import build`
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def test_the_package_has_no_import_circle():
+    root = Path(poolscope.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root.parent).with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        modules[".".join(parts)] = (path, rel.name == "__init__")
+    graph = {m: {i for i in _imports_of(p, m, pkg) if i in modules and i != m} for m, (p, pkg) in modules.items()}
+    # A submodule importing its own package's __init__ (or an ancestor's) is how Python loads it, not a circle.
+    graph = {m: {i for i in deps if not m.startswith(i + ".")} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def walk(m: str) -> None:
+        state[m] = 1
+        path.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(d):] + [d]))
+            if d not in state:
+                walk(d)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            walk(m)
+    assert "poolscope.engines.base" in graph and not any(d.startswith("poolscope.engines.") for d in graph["poolscope.engines.base"])

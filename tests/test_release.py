@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import poolscope
+from helpers import MiB
 
 pytestmark = pytest.mark.pools
 
-MiB = 1 << 20
 
 
 def in_use(pool: poolscope.TensorPool) -> int:

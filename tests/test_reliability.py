@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 
 import poolscope
 from conftest import open_scopes
-from poolscope._engine import engine_for
+from poolscope.engines import engine_for
 from poolscope.testing import assert_no_leaks
+from helpers import MiB
 
-MiB = 1 << 20
 
 # --- bad input catalogue ---------------------------------------------------------------------
 

@@ -12,11 +12,10 @@ import torch.nn.functional as F
 
 import poolscope
 from conftest import needs_compile
-from helpers import assert_same
+from helpers import MiB, assert_same
 
 pytestmark = pytest.mark.pools
 
-MiB = 1 << 20
 
 
 def routed(call, **scope_kwargs) -> int:

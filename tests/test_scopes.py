@@ -12,10 +12,10 @@ import torch
 
 import poolscope
 from conftest import open_scopes
+from helpers import MiB
 
 pytestmark = pytest.mark.pools
 
-MiB = 1 << 20
 
 
 def test_nested_scopes_count_toward_their_parents():
@@ -243,7 +243,7 @@ def test_forked_child_gets_a_working_allocator_while_another_thread_allocates():
 
 ASYNC_EXCEPTIONS = r"""
 import signal, torch, poolscope
-from poolscope._engine import engine_for
+from poolscope.engines import engine_for
 
 class Boom(Exception):
     pass
@@ -270,7 +270,7 @@ for i in range(6000):
     except Boom:
         booms += 1
 signal.setitimer(signal.ITIMER_REAL, 0, 0)
-print(booms, engine_for(torch.device("cpu")).module.thread_depth())
+print(booms, engine_for(torch.device("cpu")).module._test.thread_depth())
 """
 
 

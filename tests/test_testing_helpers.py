@@ -13,11 +13,10 @@ from hypothesis import given, settings
 import poolscope
 from poolscope.testing import assert_no_leaks, check_no_shared_bytes
 from poolscope.testing.strategies import shapes_crossing, tensor_specs
+from helpers import MiB, ROOT
 
 pytestmark = pytest.mark.pools
 
-ROOT = Path(__file__).resolve().parent.parent
-MiB = 1 << 20
 KEPT: list[torch.Tensor] = []
 
 

@@ -20,7 +20,7 @@ def test_private_python_apis_exist():
 @pytest.mark.pools
 def test_native_engine_builds_and_replaces_the_cpu_allocator():
     # c10::SetCPUAllocator / GetCPUAllocator and the c10::Allocator interface (csrc/allocator.cpp).
-    from poolscope._engine import engine_for
+    from poolscope.engines import engine_for
 
     assert poolscope.engine() == "native"
     with poolscope.pool_scope():

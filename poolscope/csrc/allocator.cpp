@@ -1,4 +1,4 @@
-// The CPU allocator poolscope installs, and the per-thread stack of open scopes.
+// The CPU allocator poolscope installs (scope.h says what it does).
 //
 // allocate() reads one thread-local pointer: outside a scope, or below the
 // innermost scope's threshold, the request goes straight to the allocator that
@@ -7,7 +7,7 @@
 // DataPtr's deleter gives it back, from whichever thread drops the last
 // reference, without the GIL. Context and data pointer are the same, so the
 // raw_allocate/raw_deallocate interface that kernels such as oneDNN's use works.
-#include "engine.h"
+#include "scope.h"
 #include "os.h"
 #include "torch_compat.h"
 
@@ -35,22 +35,11 @@ std::atomic<c10::Allocator*> g_replaced{nullptr};
 std::atomic<c10::DeleterFnPtr> g_replaced_raw{nullptr};
 std::atomic<int> g_fail_growth{0};    // test hook: 1 growth returns nothing, 2 it throws a non-std exception
 std::atomic<bool> g_fail_register{false};  // test hook: the next lend fails after its block was taken
+std::atomic<int64_t> g_refusals{0};  // limit refusals so far: each one's serial
 
 c10::Allocator* replaced_allocator() {
   return g_replaced.load(std::memory_order_acquire);
 }
-
-// The calling thread's innermost open scope: read by every allocation, so a plain pointer.
-// Trivially destructible, it outlives the stack below during thread exit; the stack clears it
-// when it dies, so a later thread-local destructor that allocates is served as outside a scope.
-thread_local Scope* t_top = nullptr;
-struct ThreadStack {
-  std::vector<std::shared_ptr<Scope>> scopes;
-  ~ThreadStack() {
-    t_top = nullptr;
-  }
-};
-thread_local ThreadStack t_stack;
 
 constexpr size_t kClassSteps = 4;  // new segments are rounded up to 1, 1.25, 1.5 or 1.75 x 2**k
 
@@ -72,11 +61,11 @@ int64_t now_ns() {
   return duration_cast<nanoseconds>(steady_clock::now().time_since_epoch()).count();
 }
 
-void release_ptr(void* ptr);
+void free_ptr(void* ptr);
 
 struct PoolscopeAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t nbytes) override {
-    Scope* top = t_top;
+    Scope* top = t_innermost;
     if (C10_LIKELY(top == nullptr) || nbytes < top->threshold || nbytes == 0) {
       return replaced_allocator()->allocate(nbytes);
     }
@@ -84,7 +73,7 @@ struct PoolscopeAllocator final : c10::Allocator {
   }
 
   c10::DeleterFnPtr raw_deleter() const override {
-    return &release_ptr;
+    return &free_ptr;
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -94,11 +83,11 @@ struct PoolscopeAllocator final : c10::Allocator {
 
 PoolscopeAllocator& g_allocator = *new PoolscopeAllocator();
 
-void release_ptr(void* ptr) {
+void free_ptr(void* ptr) {
   if (ptr == nullptr) {
     return;
   }
-  Releases out;
+  Deferred out;
   {
     std::lock_guard<std::mutex> lock(g_mu);
     auto it = g_live.find(ptr);
@@ -106,8 +95,8 @@ void release_ptr(void* ptr) {
       Block* block = it->second;
       g_live.erase(it);
       for (auto& scope : block->charged) {
-        scope->live_bytes -= static_cast<int64_t>(block->size);
-        scope->live_blocks -= 1;
+        scope->bytes_in_use -= static_cast<int64_t>(block->size);
+        scope->blocks_in_use -= 1;
         out.scopes.push_back(std::move(scope));
       }
       block->charged.clear();
@@ -118,7 +107,7 @@ void release_ptr(void* ptr) {
       }
       out.context = std::move(block->context);
       out.pool = std::move(block->owner);
-      pool->give_back(block, out);
+      pool->free_block(block, out);
       ptr = nullptr;
     }
   }
@@ -136,7 +125,7 @@ Scope* over_limit(Scope* top, size_t size) {
   for (Scope* s = top; s != nullptr; s = s->parent.get()) {
     // Unsigned: a size near 2**63 must not wrap into a negative that passes.
     if (!s->closed && s->max_bytes != kNone &&
-        size > static_cast<size_t>(s->max_bytes) - std::min(static_cast<size_t>(s->live_bytes), static_cast<size_t>(s->max_bytes))) {
+        size > static_cast<size_t>(s->max_bytes) - std::min(static_cast<size_t>(s->bytes_in_use), static_cast<size_t>(s->max_bytes))) {
       return s;
     }
   }
@@ -150,7 +139,7 @@ std::string limit_message(const Scope* limiting, size_t size, size_t nbytes) {
     msg << "name='" << limiting->name << "', ";
   }
   msg << "max_bytes=" << limiting->max_bytes << ") refused an allocation of " << nbytes << " bytes (a "
-      << size << "-byte block): " << limiting->live_bytes << " bytes in " << limiting->live_blocks
+      << size << "-byte block): " << limiting->bytes_in_use << " bytes in " << limiting->blocks_in_use
       << " pooled block(s) lent on its behalf are alive. Raise max_bytes, drop tensors earlier, or pass "
          "on_limit='fallback' to let the ordinary allocator serve what does not fit.";
   return msg.str();
@@ -179,24 +168,24 @@ c10::DataPtr register_locked(Charged& charged, Block* block, size_t nbytes, bool
   }
   g_live.emplace(block->addr, block);
   Pool* pool = block->pool;
-  block->requested = nbytes;
+  block->bytes_requested = nbytes;
   block->owner = pool->shared_from_this();
   block->context = std::move(context);
-  pool->in_use += block->size;
-  pool->requested += nbytes;
+  pool->bytes_in_use += block->size;
+  pool->bytes_requested += nbytes;
   pool->blocks_in_use += 1;
-  block->segment->in_use += block->size;
-  pool->peak_in_use = std::max(pool->peak_in_use, pool->in_use);
-  pool->window_peak = std::max(pool->window_peak, pool->in_use);
+  block->segment->bytes_in_use += block->size;
+  pool->peak_bytes_in_use = std::max(pool->peak_bytes_in_use, pool->bytes_in_use);
+  pool->window_peak = std::max(pool->window_peak, pool->bytes_in_use);
   (hit ? pool->hits : pool->misses) += 1;
   const auto size = static_cast<int64_t>(block->size);
   const int64_t spent = now_ns() - start_ns;
   for (auto& s : charged) {
-    s->live_bytes += size;
-    s->live_blocks += 1;
-    s->peak_bytes = std::max(s->peak_bytes, s->live_bytes);
-    s->routed += 1;
-    s->routed_bytes += static_cast<int64_t>(nbytes);
+    s->bytes_in_use += size;
+    s->blocks_in_use += 1;
+    s->peak_bytes_in_use = std::max(s->peak_bytes_in_use, s->bytes_in_use);
+    s->allocations_routed += 1;
+    s->bytes_routed += static_cast<int64_t>(nbytes);
     (hit ? s->hits : s->misses) += 1;
     s->alloc_ns += spent;
   }
@@ -207,12 +196,11 @@ c10::DataPtr register_locked(Charged& charged, Block* block, size_t nbytes, bool
         pool->tracing = true;
         pool->record_segment("segment_alloc", block->segment);
       }
-      block->alloc_us = now_us();
       pool->record("alloc", block, block->context);
     } catch (const std::bad_alloc&) {
     }
   }
-  return c10::DataPtr(block->addr, block->addr, &release_ptr, c10::Device(c10::DeviceType::CPU));
+  return c10::DataPtr(block->addr, block->addr, &free_ptr, c10::Device(c10::DeviceType::CPU));
 }
 
 void count_fallback_locked(Scope* top, Pool* pool) {
@@ -225,7 +213,7 @@ void count_fallback_locked(Scope* top, Pool* pool) {
 }
 
 // Run `out` with g_mu dropped: segments go back to the replaced allocator, pages to the system.
-void run_unlocked(std::unique_lock<std::mutex>& lock, Releases& out) {
+void run_unlocked(std::unique_lock<std::mutex>& lock, Deferred& out) {
   lock.unlock();
   out.run();
   lock.lock();
@@ -249,7 +237,7 @@ Block* grow_locked(std::unique_lock<std::mutex>& lock, Pool* pool, size_t size) 
   const bool could_fit =
       size <= physical_memory() && (pool->max_bytes == kNone || size <= static_cast<size_t>(pool->max_bytes));
   if (could_fit) {
-    Releases out;
+    Deferred out;
     pool->release_segments_smaller_than(size, out);
     if (!out.segments.empty()) {
       run_unlocked(lock, out);
@@ -258,7 +246,7 @@ Block* grow_locked(std::unique_lock<std::mutex>& lock, Pool* pool, size_t size) 
   for (int attempt = 0; attempt < 2; ++attempt) {
     size_t wanted = segment_size(size);
     if (pool->max_bytes != kNone) {
-      size_t held = pool->reserved_virtual + pool->growing;
+      size_t held = pool->segment_bytes + pool->growing;
       auto limit = static_cast<size_t>(pool->max_bytes);
       if (held > limit || wanted > limit - held) {
         wanted = held <= limit && size <= limit - held ? size : 0;
@@ -288,8 +276,8 @@ Block* grow_locked(std::unique_lock<std::mutex>& lock, Pool* pool, size_t size) 
       }
     }
     if (attempt == 0 && could_fit) {
-      Releases out;
-      pool->shrink_to(0, out);
+      Deferred out;
+      pool->release_down_to(0, out);
       run_unlocked(lock, out);
     } else {
       break;
@@ -335,15 +323,17 @@ c10::DataPtr lend(Scope* top, size_t nbytes) {
       lock.unlock();
       return replaced_allocator()->allocate(nbytes);
     }
-    limiting->refused += 1;
+    const int64_t serial = g_refusals.fetch_add(1, std::memory_order_relaxed) + 1;
     std::string message = limit_message(limiting, size, nbytes);
     std::vector<BlockInfo> alive;
     for (const Block* block : live_blocks_locked(limiting)) {
-      alive.push_back(BlockInfo{block->size, block->requested, block->context});
+      alive.push_back(BlockInfo{block->size, block->bytes_requested, block->context});
     }
     // The requesting scope exits first and turns the error into ScopeLimitError.
-    top->limit_message = message;
-    top->limit_blocks = std::move(alive);
+    top->refusal_serial = serial;
+    top->refusal_message = message;
+    top->refusal_blocks = std::move(alive);
+    message += " [poolscope refusal #" + std::to_string(serial) + "]";
     lock.unlock();
     TORCH_CHECK_WITH(OutOfMemoryError, false, message);
   }
@@ -393,10 +383,6 @@ bool installed() {
   return replaced_allocator() != nullptr && c10::GetCPUAllocator() == &g_allocator;
 }
 
-c10::Allocator* replaced() {
-  return replaced_allocator();
-}
-
 void fail_growth(int mode) {
   g_fail_growth.store(mode, std::memory_order_relaxed);
 }
@@ -412,51 +398,13 @@ void register_pool(const std::shared_ptr<Pool>& pool) {
   g_pools.push_back(pool);
 }
 
-void enter(const std::shared_ptr<Scope>& scope) {
-  scope->parent = t_stack.scopes.empty() ? nullptr : t_stack.scopes.back();
-  scope->profiling = scope->own_profiling || (scope->parent && scope->parent->profiling);
-  scope->owner = std::this_thread::get_id();
-  {
-    std::lock_guard<std::mutex> lock(g_mu);
-    scope->active = true;
-    scope->closed = false;
-  }
-  t_stack.scopes.push_back(scope);
-  t_top = scope.get();
-}
-
-ExitResult exit(const std::shared_ptr<Scope>& scope) {
-  if (scope->owner != std::this_thread::get_id()) {
-    return ExitResult::wrong_thread;
-  }
-  auto it = std::find(t_stack.scopes.begin(), t_stack.scopes.end(), scope);
-  if (it == t_stack.scopes.end()) {
-    return ExitResult::not_active;
-  }
-  // Out of order (a generator's scope closed inside its caller's): the others stay open.
-  t_stack.scopes.erase(it);
-  t_top = t_stack.scopes.empty() ? nullptr : t_stack.scopes.back().get();
-  std::vector<std::shared_ptr<Pool>> pools;
-  Releases out;
-  {
-    std::lock_guard<std::mutex> lock(g_mu);
-    scope->active = false;
-    scope->closed = true;
-    if (t_stack.scopes.empty() && scope->ticks) {
-      for (auto& weak : g_pools) {
-        if (auto pool = weak.lock()) {
-          pool->tick(out);
-          pools.push_back(std::move(pool));
-        }
-      }
+void tick_all_locked(Deferred& out) {
+  for (auto& weak : g_pools) {
+    if (auto pool = weak.lock()) {
+      pool->tick(out);
+      out.pools.push_back(std::move(pool));  // dies after the lock, with `out`
     }
   }
-  out.run();
-  return ExitResult::ok;  // `pools` dies here, outside the lock
-}
-
-size_t thread_depth() {
-  return t_stack.scopes.size();
 }
 
 std::vector<const Block*> live_blocks_locked(const Scope* scope) {
@@ -471,7 +419,7 @@ std::vector<const Block*> live_blocks_locked(const Scope* scope) {
   return blocks;
 }
 
-std::vector<std::shared_ptr<Pool>> pools_locked() {
+std::vector<std::shared_ptr<Pool>> live_pools_locked() {
   std::vector<std::shared_ptr<Pool>> pools;
   for (auto& weak : g_pools) {
     if (auto pool = weak.lock()) {

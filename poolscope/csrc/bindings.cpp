@@ -1,11 +1,13 @@
-// Python bindings of the native engine: pools, scopes and the allocator switch.
-// Dicts use the keys of PyTorch's memory snapshots where one exists.
+// Python bindings of the native engine: they convert, and decide nothing. Options come in as
+// poolscope's PoolLimits and ScopeOptions, figures go out as its PoolStats, ScopeStats and
+// LimitRefusal; blocks and segments as dicts with the keys of PyTorch's memory snapshots.
+// Everything is copied under g_mu and becomes a Python object after it (pool.h, invariant 4).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <cstring>
+#include <cmath>
 
-#include "engine.h"
+#include "scope.h"
 #include "test_hooks.h"
 #include "torch_compat.h"
 
@@ -14,12 +16,23 @@ using namespace poolscope;
 
 namespace {
 
-int64_t limit_arg(int64_t value) {
-  return value < 0 ? kNone : value;
+// None is kNone, poolscope's "no limit"; seconds become microseconds (at least 1).
+int64_t limit_of(const py::handle& options, const char* name) {
+  py::object value = options.attr(name);
+  return value.is_none() ? kNone : value.cast<int64_t>();
+}
+
+int64_t micros_of(const py::handle& options, const char* name) {
+  py::object value = options.attr(name);
+  return value.is_none() ? kNone : std::max<int64_t>(1, std::llround(value.cast<double>() * 1e6));
 }
 
 py::object optional_int(int64_t value) {
   return value == kNone ? py::object(py::none()) : py::object(py::int_(value));
+}
+
+py::object figures_type(const char* name) {
+  return py::module_::import("poolscope._stats").attr(name);
 }
 
 py::list frames_list(const std::vector<Frame>& frames) {
@@ -43,47 +56,31 @@ std::vector<std::vector<Frame>> symbolize_all(const std::vector<Context>& contex
   return symbolize(raw);
 }
 
-py::dict pool_stats(Pool& pool) {
-  PoolStatsData s;
-  int64_t max_cached, max_bytes, release_after, release_idle_us;
+py::object pool_stats(Pool& pool) {
+  PoolFigures f;
   {
     std::lock_guard<std::mutex> lock(g_mu);
-    s = pool.stats();
-    max_cached = pool.max_cached;
-    max_bytes = pool.max_bytes;
-    release_after = pool.release_after;
-    release_idle_us = pool.release_idle_us;
+    f = pool.figures();
   }
-  py::dict d;
-  d["bytes_in_use"] = s.in_use;
-  d["bytes_requested"] = s.requested;
-  d["bytes_cached"] = s.cached;
-  d["bytes_reserved"] = s.reserved;
-  d["bytes_mapped"] = s.mapped;
-  d["peak_bytes_in_use"] = s.peak_in_use;
-  d["blocks_in_use"] = s.blocks_in_use;
-  d["blocks_cached"] = s.blocks_cached;
-  d["segments"] = s.segments;
-  d["hits"] = s.hits;
-  d["misses"] = s.misses;
-  d["evictions"] = s.evictions;
-  d["bytes_released"] = s.bytes_released;
-  d["bytes_released_by_exits"] = s.bytes_released_by_exits;
-  d["bytes_released_by_time"] = s.bytes_released_by_time;
-  d["fallbacks"] = s.fallbacks;
-  d["exits"] = s.epoch;
-  d["working_set_bytes"] = s.working_set;
-  d["max_cached_bytes"] = optional_int(max_cached);
-  d["max_bytes"] = optional_int(max_bytes);
-  d["release_after"] = release_after;
-  d["release_idle_s"] = release_idle_us == kNone ? py::object(py::none()) : py::object(py::float_(release_idle_us * 1e-6));
-  return d;
+  return figures_type("PoolStats")(
+      py::arg("device") = pool.device, py::arg("bytes_in_use") = f.bytes_in_use,
+      py::arg("bytes_requested") = f.bytes_requested, py::arg("bytes_cached") = f.bytes_cached,
+      py::arg("bytes_reserved") = f.bytes_reserved, py::arg("peak_bytes_in_use") = f.peak_bytes_in_use,
+      py::arg("blocks_in_use") = f.blocks_in_use, py::arg("blocks_cached") = f.blocks_cached,
+      py::arg("segments") = f.segments, py::arg("hits") = f.hits, py::arg("misses") = f.misses,
+      py::arg("releases") = f.releases, py::arg("bytes_released") = f.bytes_released,
+      py::arg("bytes_released_by_exits") = f.bytes_released_by_exits,
+      py::arg("bytes_released_by_time") = f.bytes_released_by_time, py::arg("fallbacks") = f.fallbacks,
+      py::arg("working_set_bytes") = f.working_set_bytes, py::arg("max_cached_bytes") = optional_int(f.max_cached_bytes),
+      py::arg("max_bytes") = optional_int(f.max_bytes), py::arg("release_after") = f.release_after,
+      py::arg("release_idle_s") = f.release_idle_us == kNone ? py::object(py::none())
+                                                             : py::object(py::float_(f.release_idle_us * 1e-6)));
 }
 
 struct BlockCopy {
   uintptr_t addr;
   size_t size;
-  size_t requested;
+  size_t bytes_requested;
   bool allocated;
   Context context;
 };
@@ -119,7 +116,7 @@ py::list pool_segments(Pool& pool) {
       }
       if (s < copies.size() && addr >= copies[s].base) {
         copies[s].blocks.push_back(BlockCopy{
-            addr, block->size, block->requested, block->state == BlockState::allocated, block->context});
+            addr, block->size, block->bytes_requested, block->state == BlockState::allocated, block->context});
       }
     }
   }
@@ -134,18 +131,18 @@ py::list pool_segments(Pool& pool) {
   size_t i = 0;
   for (const auto& seg : copies) {
     py::list blocks;
-    int64_t allocated = 0, requested = 0;
+    int64_t allocated = 0, bytes_requested = 0;
     for (const auto& b : seg.blocks) {
       py::dict d;
       d["address"] = b.addr;
       d["size"] = b.size;
-      d["requested_size"] = b.allocated ? b.requested : 0;
+      d["requested_size"] = b.allocated ? b.bytes_requested : 0;
       d["state"] = b.allocated ? "active_allocated" : "inactive";
       d["frames"] = frames_list(frames[i++]);
       blocks.append(std::move(d));
       if (b.allocated) {
         allocated += static_cast<int64_t>(b.size);
-        requested += static_cast<int64_t>(b.requested);
+        bytes_requested += static_cast<int64_t>(b.bytes_requested);
       }
     }
     py::dict d;
@@ -153,7 +150,7 @@ py::list pool_segments(Pool& pool) {
     d["total_size"] = seg.size;
     d["allocated_size"] = allocated;
     d["active_size"] = allocated;
-    d["requested_size"] = requested;
+    d["requested_size"] = bytes_requested;
     d["stream"] = 0;
     d["segment_type"] = "large";
     d["segment_pool_id"] = py::make_tuple(0, 0);
@@ -202,42 +199,35 @@ py::list describe(const std::vector<BlockInfo>& infos, const std::vector<uintptr
     py::dict d;
     d["address"] = i < addresses.size() ? py::object(py::int_(addresses[i])) : py::object(py::none());
     d["size"] = infos[i].size;
-    d["requested_size"] = infos[i].requested;
+    d["requested_size"] = infos[i].bytes_requested;
     d["frames"] = frames_list(frames[i]);
     out.append(std::move(d));
   }
   return out;
 }
 
-py::dict scope_stats(Scope& scope) {
+py::object scope_stats(Scope& scope) {
   // Copied under the lock, converted after it: making Python objects can run a garbage
   // collection, which can free a pooled tensor, whose deleter takes the lock.
-  Scope figures;
+  int64_t routed, routed_bytes, hits, misses, fallbacks, in_use, blocks, peak, alloc_ns;
   {
     std::lock_guard<std::mutex> lock(g_mu);
-    figures.routed = scope.routed;
-    figures.routed_bytes = scope.routed_bytes;
-    figures.hits = scope.hits;
-    figures.misses = scope.misses;
-    figures.fallbacks = scope.fallbacks;
-    figures.refused = scope.refused;
-    figures.live_bytes = scope.live_bytes;
-    figures.live_blocks = scope.live_blocks;
-    figures.peak_bytes = scope.peak_bytes;
-    figures.alloc_ns = scope.alloc_ns;
+    routed = scope.allocations_routed;
+    routed_bytes = scope.bytes_routed;
+    hits = scope.hits;
+    misses = scope.misses;
+    fallbacks = scope.fallbacks;
+    in_use = scope.bytes_in_use;
+    blocks = scope.blocks_in_use;
+    peak = scope.peak_bytes_in_use;
+    alloc_ns = scope.alloc_ns;
   }
-  py::dict d;
-  d["allocations_routed"] = figures.routed;
-  d["bytes_routed"] = figures.routed_bytes;
-  d["hits"] = figures.hits;
-  d["misses"] = figures.misses;
-  d["fallbacks"] = figures.fallbacks;
-  d["refused"] = figures.refused;
-  d["bytes_in_use"] = figures.live_bytes;
-  d["blocks_in_use"] = figures.live_blocks;
-  d["peak_bytes_in_use"] = figures.peak_bytes;
-  d["alloc_seconds"] = static_cast<double>(figures.alloc_ns) * 1e-9;
-  return d;
+  return figures_type("ScopeStats")(
+      py::arg("name") = scope.named ? py::object(py::str(scope.name)) : py::object(py::none()),
+      py::arg("allocations_routed") = routed, py::arg("bytes_routed") = routed_bytes, py::arg("hits") = hits,
+      py::arg("misses") = misses, py::arg("fallbacks") = fallbacks, py::arg("escaped") = blocks,
+      py::arg("bytes_in_use") = in_use, py::arg("peak_bytes_in_use") = peak,
+      py::arg("alloc_seconds") = static_cast<double>(alloc_ns) * 1e-9);
 }
 
 }  // namespace
@@ -254,7 +244,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("install", &install, "Install the allocator (once); true when it serves CPU allocations.");
   m.def("installed", &installed, "Whether poolscope's allocator is PyTorch's CPU allocator now.");
-  m.def("thread_depth", &thread_depth, "Open scopes on the calling thread.");
 
   // Called by the with-statement through functools.partial: no Python frame runs
   // between the statement and the push or pop, so a pending signal cannot skip them.
@@ -263,8 +252,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     enter(scope);
     return result;
   });
-  m.def("exit_then", [](const py::object& owner, const py::object& after, const py::args& exc) {
-    py::object backend = owner.attr("_backend");
+  m.def("exit_then", [](const py::object& slot, const py::object& after, const py::args& exc) {
+    py::object backend = slot.attr("backend");  // a __slots__ member: read without a Python frame
     const char* outcome = "not_active";
     if (py::isinstance<Scope>(backend)) {
       auto scope = backend.cast<std::shared_ptr<Scope>>();
@@ -279,83 +268,64 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
 
   py::class_<Pool, std::shared_ptr<Pool>>(m, "Pool")
-      .def(py::init([](const std::string& device, int64_t max_cached, int64_t max_bytes, int64_t release_after,
-                       int64_t release_idle_us) {
+      .def(py::init([](const std::string& device, const py::object& limits) {
              auto pool = std::make_shared<Pool>(device);
-             pool->max_cached = limit_arg(max_cached);
-             pool->max_bytes = limit_arg(max_bytes);
-             pool->release_after = release_after;
-             pool->release_idle_us = limit_arg(release_idle_us);
+             int64_t cap = limit_of(limits, "max_cached_bytes"), max_bytes = limit_of(limits, "max_bytes");
+             int64_t after = limits.attr("release_after").cast<int64_t>(), idle = micros_of(limits, "release_idle_s");
+             Deferred out;
+             {
+               std::lock_guard<std::mutex> lock(g_mu);
+               pool->configure(cap, max_bytes, after, idle, out);
+             }
+             out.run();
              register_pool(pool);
              return pool;
            }),
-           py::arg("device"), py::arg("max_cached"), py::arg("max_bytes"), py::arg("release_after"),
-           py::arg("release_idle_us"))
+           py::arg("device"), py::arg("limits"))
       .def("configure",
-           [](Pool& pool, int64_t max_cached, int64_t max_bytes, int64_t release_after, int64_t release_idle_us) {
-             Releases out;
+           [](Pool& pool, const py::object& limits) {
+             int64_t cap = limit_of(limits, "max_cached_bytes"), max_bytes = limit_of(limits, "max_bytes");
+             int64_t after = limits.attr("release_after").cast<int64_t>(), idle = micros_of(limits, "release_idle_s");
+             Deferred out;
              {
-               std::lock_guard<std::mutex> lock(g_mu);
-               pool.max_cached = limit_arg(max_cached);
-               pool.max_bytes = limit_arg(max_bytes);
-               pool.release_after = release_after;
-               pool.release_idle_us = limit_arg(release_idle_us);
-               if (pool.max_cached != kNone) {
-                 pool.shrink_to(static_cast<size_t>(pool.max_cached), out);
+               py::gil_scoped_release release;
+               {
+                 std::lock_guard<std::mutex> lock(g_mu);
+                 pool.configure(cap, max_bytes, after, idle, out);
                }
-               if (pool.release_idle_us != kNone) {
-                 // Blocks cached before the setting: the releaser must see their deadlines too.
-                 note_cached_locked(&pool, mono_us() - pool.release_idle_us, out);
-                 wake_releaser_locked();
-               }
+               out.run();
              }
-             out.run();
            })
       .def("stats", &pool_stats)
       .def(
           "release",
           [](Pool& pool, bool everything) {
-            Releases out;
+            Deferred out;
             {
               std::lock_guard<std::mutex> lock(g_mu);
-              if (everything) {
-                pool.shrink_to(0, out);
-              } else {
-                pool.release_idle(out);
-              }
+              pool.release(everything, out);
             }
             out.run();
           },
           py::arg("everything"), py::call_guard<py::gil_scoped_release>())
-      .def(
-          "fill_free",
-          [](Pool& pool, int value) {
-            // Test hook: garbage in every idle block, so that a kernel that reads memory
-            // it did not write, or leaves its output unwritten, shows up.
-            std::lock_guard<std::mutex> lock(g_mu);
-            for (Block* block : pool.free_blocks) {
-              std::memset(block->addr, value, block->size);
-            }
-          },
-          py::arg("value"))
       .def("segments", &pool_segments)
       .def("trace", &pool_trace);
 
   py::class_<Scope, std::shared_ptr<Scope>>(m, "Scope")
-      .def(py::init([](std::shared_ptr<Pool> pool, int64_t threshold, int64_t max_bytes, bool fallback,
-                       bool profiling, const std::string& name, bool ticks) {
+      .def(py::init([](std::shared_ptr<Pool> pool, const py::object& options) {
              auto scope = std::make_shared<Scope>();
              scope->pool = std::move(pool);
-             scope->threshold = static_cast<size_t>(threshold);
-             scope->max_bytes = limit_arg(max_bytes);
-             scope->fallback_on_limit = fallback;
-             scope->own_profiling = profiling;
-             scope->name = name;
-             scope->ticks = ticks;
+             scope->threshold = options.attr("threshold").cast<size_t>();
+             scope->max_bytes = limit_of(options, "max_bytes");
+             scope->fallback_on_limit = options.attr("fallback").cast<bool>();
+             scope->own_profiling = options.attr("profiling").cast<bool>();
+             py::object name = options.attr("name");
+             scope->named = !name.is_none();
+             scope->name = scope->named ? name.cast<std::string>() : std::string();
+             scope->counts_exits = options.attr("counts_exits").cast<bool>();
              return scope;
            }),
-           py::arg("pool"), py::arg("threshold"), py::arg("max_bytes"), py::arg("fallback"), py::arg("profiling"),
-           py::arg("name"), py::arg("ticks"))
+           py::arg("pool"), py::arg("options"))
       .def("enter", [](const std::shared_ptr<Scope>& scope) { enter(scope); })
       .def(
           "exit",
@@ -374,7 +344,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("reset_peak",
            [](Scope& scope) {
              std::lock_guard<std::mutex> lock(g_mu);
-             scope.peak_bytes = scope.live_bytes;
+             scope.peak_bytes_in_use = scope.bytes_in_use;
            })
       .def("live_blocks",
            [](Scope& scope) {
@@ -383,23 +353,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              {
                std::lock_guard<std::mutex> lock(g_mu);
                for (const Block* block : live_blocks_locked(&scope)) {
-                 infos.push_back(BlockInfo{block->size, block->requested, block->context});
+                 infos.push_back(BlockInfo{block->size, block->bytes_requested, block->context});
                  addresses.push_back(reinterpret_cast<uintptr_t>(block->addr));
                }
              }
              return describe(infos, addresses);
            })
-      .def("limit_error", [](Scope& scope) -> py::object {
+      .def("refusal", [](Scope& scope) -> py::object {
+        int64_t serial;
         std::string message;
         std::vector<BlockInfo> infos;
         {
           std::lock_guard<std::mutex> lock(g_mu);
-          if (scope.limit_message.empty()) {
+          if (scope.refusal_serial == 0) {
             return py::none();
           }
-          message = scope.limit_message;
-          infos = scope.limit_blocks;
+          serial = scope.refusal_serial;
+          message = scope.refusal_message;
+          infos = scope.refusal_blocks;
         }
-        return py::make_tuple(message, describe(infos, {}));
+        return figures_type("LimitRefusal")(serial, message, describe(infos, {}));
       });
 }

@@ -1,7 +1,5 @@
-// Pools: segments from the replaced allocator, carved into blocks by best fit,
-// coalesced when blocks come back, and given back to the system when the
-// working set shrinks.
-#include "engine.h"
+// Pools (pool.h states the algorithm and the invariants).
+#include "pool.h"
 #include "os.h"
 
 #include <algorithm>
@@ -20,14 +18,14 @@ size_t round_up(size_t n, size_t to) {
 // A merged block is as idle as its most idle resident part: memory a loop keeps reusing must
 // not lend its recency to a neighbour nobody touches (a one-off spike's segment). Parts whose
 // pages were already dropped cost nothing and do not count.
-uint64_t merged_epoch(const Block* a, const Block* b) {
+uint64_t merged_exit(const Block* a, const Block* b) {
   if (a->committed == 0) {
-    return b->freed_epoch;
+    return b->freed_at_exit;
   }
   if (b->committed == 0) {
-    return a->freed_epoch;
+    return a->freed_at_exit;
   }
-  return std::min(a->freed_epoch, b->freed_epoch);
+  return std::min(a->freed_at_exit, b->freed_at_exit);
 }
 
 int64_t merged_time(const Block* a, const Block* b) {
@@ -52,7 +50,7 @@ int64_t mono_us() {
   return duration_cast<microseconds>(steady_clock::now().time_since_epoch()).count();
 }
 
-void Releases::run() {
+void Deferred::run() {
   if (start_releaser) {
     start_releaser = false;
     poolscope::start_releaser();
@@ -77,10 +75,11 @@ void Releases::run() {
   scopes.clear();
   context.reset();
   pool.reset();
+  pools.clear();
 }
 
 Pool::~Pool() {
-  Releases out;
+  Deferred out;
   {
     std::lock_guard<std::mutex> lock(g_mu);
     for (Block* block : free_blocks) {
@@ -101,7 +100,7 @@ Block* Pool::take(size_t size) {
   }
   Block* block = *it;
   free_blocks.erase(it);
-  committed_free -= block->committed;
+  bytes_cached -= block->committed;
   lend_from(block, size);
   return block;
 }
@@ -122,12 +121,12 @@ void Pool::lend_from(Block* block, size_t size) {
     }
     block->next = remainder;
     remainder->state = BlockState::free;
-    remainder->freed_epoch = block->freed_epoch;
+    remainder->freed_at_exit = block->freed_at_exit;
     remainder->freed_us = block->freed_us;
     remainder->committed = std::min(rest, block->committed);
     block->size = size;
     free_blocks.insert(remainder);
-    committed_free += remainder->committed;
+    bytes_cached += remainder->committed;
   }
   block->state = BlockState::allocated;
   block->committed = 0;
@@ -143,22 +142,22 @@ Block* Pool::add_segment(c10::DataPtr memory, size_t size) {
   block->segment = segment.get();
   block->addr = segment->base;
   block->size = size;
-  block->freed_epoch = epoch;
+  block->freed_at_exit = exits;
   block->freed_us = mono_us();
   record_segment("segment_alloc", segment.get());
   segments.push_back(std::move(segment));
-  reserved_virtual += size;
+  segment_bytes += size;
   return block;  // not in free_blocks: the caller lends from it at once
 }
 
-void Pool::give_back(Block* block, Releases& out) {
-  in_use -= block->size;
-  requested -= block->requested;
+void Pool::free_block(Block* block, Deferred& out) {
+  bytes_in_use -= block->size;
+  bytes_requested -= block->bytes_requested;
   blocks_in_use -= 1;
-  block->segment->in_use -= block->size;
-  block->requested = 0;
+  block->segment->bytes_in_use -= block->size;
+  block->bytes_requested = 0;
   block->committed = block->size;
-  block->freed_epoch = epoch;
+  block->freed_at_exit = exits;
   block->freed_us = mono_us();
   block->state = BlockState::free;
   const int64_t freed_us = block->freed_us;
@@ -166,9 +165,10 @@ void Pool::give_back(Block* block, Releases& out) {
   if (release_idle_us != kNone) {
     note_cached_locked(this, freed_us, out);
   }
-  if (max_cached != kNone && committed_free > static_cast<size_t>(max_cached)) {
-    shrink_to(static_cast<size_t>(max_cached), out);
+  if (max_cached != kNone && bytes_cached > static_cast<size_t>(max_cached)) {
+    release_down_to(static_cast<size_t>(max_cached), out);
   }
+  POOLSCOPE_CHECK(this);
 }
 
 void Pool::insert_free(Block* block) {
@@ -176,8 +176,8 @@ void Pool::insert_free(Block* block) {
   Block* prev = block->prev;
   if (prev != nullptr && prev->state == BlockState::free) {
     free_blocks.erase(prev);
-    committed_free -= prev->committed;
-    prev->freed_epoch = merged_epoch(prev, block);
+    bytes_cached -= prev->committed;
+    prev->freed_at_exit = merged_exit(prev, block);
     prev->freed_us = merged_time(prev, block);
     prev->size += block->size;
     prev->committed += block->committed;
@@ -191,8 +191,8 @@ void Pool::insert_free(Block* block) {
   Block* next = block->next;
   if (next != nullptr && next->state == BlockState::free) {
     free_blocks.erase(next);
-    committed_free -= next->committed;
-    block->freed_epoch = merged_epoch(block, next);
+    bytes_cached -= next->committed;
+    block->freed_at_exit = merged_exit(block, next);
     block->freed_us = merged_time(block, next);
     block->size += next->size;
     block->committed += next->committed;
@@ -203,7 +203,7 @@ void Pool::insert_free(Block* block) {
     delete next;
   }
   free_blocks.insert(block);
-  committed_free += block->committed;
+  bytes_cached += block->committed;
 }
 
 void Pool::settle(Block* block) {
@@ -212,11 +212,11 @@ void Pool::settle(Block* block) {
   insert_free(block);
 }
 
-void Pool::shrink_to(size_t budget, Releases& out) {
+void Pool::release_down_to(size_t budget, Deferred& out) {
   // With no budget left, wholly free segments go too, resident or not.
   auto whole = [](const Block* b) { return b->prev == nullptr && b->next == nullptr; };
   auto wanted = [&](const Block* b) {
-    return committed_free > budget ? b->committed > 0 || whole(b) : budget == 0 && whole(b);
+    return bytes_cached > budget ? b->committed > 0 || whole(b) : budget == 0 && whole(b);
   };
   std::vector<Block*> candidates;
   for (Block* block : free_blocks) {
@@ -226,7 +226,7 @@ void Pool::shrink_to(size_t budget, Releases& out) {
   }
   // Oldest first, larger first among equals.
   std::sort(candidates.begin(), candidates.end(), [](const Block* a, const Block* b) {
-    return a->freed_epoch != b->freed_epoch ? a->freed_epoch < b->freed_epoch : a->size > b->size;
+    return a->freed_at_exit != b->freed_at_exit ? a->freed_at_exit < b->freed_at_exit : a->size > b->size;
   });
   for (Block* block : candidates) {
     if (wanted(block)) {
@@ -235,7 +235,7 @@ void Pool::shrink_to(size_t budget, Releases& out) {
   }
 }
 
-void Pool::release_segments_smaller_than(size_t size, Releases& out) {
+void Pool::release_segments_smaller_than(size_t size, Deferred& out) {
   // Called when no free block can serve `size`: a wholly free segment smaller than that can
   // never serve it. Without releasing, sizes that keep growing from call to call (random
   // sequence lengths) leave a trail of segments each a little too small, and the cache grows
@@ -250,37 +250,37 @@ void Pool::release_segments_smaller_than(size_t size, Releases& out) {
       break;  // ordered by size
     }
     if (block->prev == nullptr && block->next == nullptr) {
-      (block->freed_epoch < epoch ? stale : fresh).push_back(block);
+      (block->freed_at_exit < exits ? stale : fresh).push_back(block);
     }
   }
   for (Block* block : stale) {
     release_block(block, out);
   }
   std::sort(fresh.begin(), fresh.end(), [](const Block* a, const Block* b) { return a->freed_us < b->freed_us; });
-  const size_t bound = 2 * (in_use + size);
+  const size_t bound = 2 * (bytes_in_use + size);
   for (Block* block : fresh) {
-    if (reserved_virtual + size <= bound) {
+    if (segment_bytes + size <= bound) {
       break;
     }
     release_block(block, out);
   }
 }
 
-void Pool::release_block(Block* block, Releases& out, Reason reason) {
+void Pool::release_block(Block* block, Deferred& out, Reason reason) {
   // `block` is free: give its memory back, the whole segment when it is all free, else its pages.
   free_blocks.erase(block);
-  committed_free -= block->committed;
+  bytes_cached -= block->committed;
   bytes_released += static_cast<int64_t>(block->committed);
   if (reason == Reason::exits) {
     bytes_released_by_exits += static_cast<int64_t>(block->committed);
   } else if (reason == Reason::time) {
     bytes_released_by_time += static_cast<int64_t>(block->committed);
   }
-  evictions += 1;
+  releases += 1;
   if (block->prev == nullptr && block->next == nullptr) {
     Segment* segment = block->segment;
     record_segment("segment_free", segment);
-    reserved_virtual -= segment->size;
+    segment_bytes -= segment->size;
     auto it = std::find_if(segments.begin(), segments.end(), [&](auto& s) { return s.get() == segment; });
     out.segments.push_back(std::move(*it));
     segments.erase(it);
@@ -298,12 +298,12 @@ size_t Pool::working_set() const {
   return recent_peaks.empty() ? window_peak : std::max(window_peak, recent_peaks.front().second);
 }
 
-void Pool::release_idle(Releases& out) {
+void Pool::release_stale(Deferred& out) {
   // Free memory that no lend of the last `release_after` outermost-scope exits reused.
   std::vector<Block*> idle;
   for (Block* block : free_blocks) {
     bool whole = block->prev == nullptr && block->next == nullptr;
-    bool stale = release_after <= 0 || block->freed_epoch + static_cast<uint64_t>(release_after) < epoch;
+    bool stale = release_after <= 0 || block->freed_at_exit + static_cast<uint64_t>(release_after) < exits;
     if (stale && (block->committed > 0 || whole)) {
       idle.push_back(block);
     }
@@ -313,7 +313,7 @@ void Pool::release_idle(Releases& out) {
   }
 }
 
-int64_t Pool::release_timed_out(int64_t now, Releases& out) {
+int64_t Pool::release_expired(int64_t now, Deferred& out) {
   if (release_idle_us == kNone) {
     return INT64_MAX;
   }
@@ -337,20 +337,21 @@ int64_t Pool::release_timed_out(int64_t now, Releases& out) {
   return next;
 }
 
-void Pool::tick(Releases& out) {
+void Pool::tick(Deferred& out) {
   // The working set is a figure for stats(): the peak in use between exits, over the window.
   size_t peak = window_peak;
   while (!recent_peaks.empty() && recent_peaks.back().second <= peak) {
     recent_peaks.pop_back();
   }
-  recent_peaks.emplace_back(epoch, peak);
-  epoch += 1;
+  recent_peaks.emplace_back(exits, peak);
+  exits += 1;
   while (!recent_peaks.empty() &&
-         (release_after <= 0 || recent_peaks.front().first + static_cast<uint64_t>(release_after) < epoch)) {
+         (release_after <= 0 || recent_peaks.front().first + static_cast<uint64_t>(release_after) < exits)) {
     recent_peaks.pop_front();
   }
-  window_peak = in_use;
-  release_idle(out);
+  window_peak = bytes_in_use;
+  release_stale(out);
+  POOLSCOPE_CHECK(this);
 }
 
 void Pool::record(const char* action, const Block* block, const Context& context) {
@@ -373,27 +374,95 @@ void Pool::record_segment(const char* action, const Segment* segment) {
   }
 }
 
-PoolStatsData Pool::stats() const {
-  PoolStatsData s;
-  s.in_use = static_cast<int64_t>(in_use);
-  s.requested = static_cast<int64_t>(requested);
-  s.cached = static_cast<int64_t>(committed_free);
-  s.reserved = static_cast<int64_t>(in_use + committed_free);
-  s.mapped = static_cast<int64_t>(reserved_virtual);
-  s.peak_in_use = static_cast<int64_t>(peak_in_use);
-  s.blocks_in_use = blocks_in_use;
-  s.blocks_cached = static_cast<int64_t>(free_blocks.size());
-  s.segments = static_cast<int64_t>(segments.size());
-  s.hits = hits;
-  s.misses = misses;
-  s.evictions = evictions;
-  s.bytes_released = bytes_released;
-  s.bytes_released_by_exits = bytes_released_by_exits;
-  s.bytes_released_by_time = bytes_released_by_time;
-  s.fallbacks = fallbacks;
-  s.epoch = static_cast<int64_t>(epoch);
-  s.working_set = static_cast<int64_t>(working_set());
-  return s;
+void Pool::configure(int64_t cap, int64_t limit, int64_t after, int64_t idle_us, Deferred& out) {
+  max_cached = cap;
+  max_bytes = limit;
+  release_after = after;
+  release_idle_us = idle_us;
+  if (max_cached != kNone) {
+    release_down_to(static_cast<size_t>(max_cached), out);
+  }
+  if (release_idle_us != kNone) {
+    // Blocks cached before the setting: the releaser must see their deadlines too.
+    note_cached_locked(this, mono_us() - release_idle_us, out);
+    wake_releaser_locked();
+  }
+}
+
+void Pool::release(bool everything, Deferred& out) {
+  if (everything) {
+    release_down_to(0, out);
+  } else {
+    release_stale(out);
+  }
+}
+
+PoolFigures Pool::figures() const {
+  PoolFigures f;
+  f.bytes_in_use = static_cast<int64_t>(bytes_in_use);
+  f.bytes_requested = static_cast<int64_t>(bytes_requested);
+  f.bytes_cached = static_cast<int64_t>(bytes_cached);
+  f.bytes_reserved = static_cast<int64_t>(bytes_in_use + bytes_cached);
+  f.peak_bytes_in_use = static_cast<int64_t>(peak_bytes_in_use);
+  f.blocks_in_use = blocks_in_use;
+  f.blocks_cached = static_cast<int64_t>(free_blocks.size());
+  f.segments = static_cast<int64_t>(segments.size());
+  f.hits = hits;
+  f.misses = misses;
+  f.releases = releases;
+  f.bytes_released = bytes_released;
+  f.bytes_released_by_exits = bytes_released_by_exits;
+  f.bytes_released_by_time = bytes_released_by_time;
+  f.fallbacks = fallbacks;
+  f.working_set_bytes = static_cast<int64_t>(working_set());
+  f.max_cached_bytes = max_cached;
+  f.max_bytes = max_bytes;
+  f.release_after = release_after;
+  f.release_idle_us = release_idle_us;
+  return f;
+}
+
+void Pool::check_invariants() const {
+#ifdef POOLSCOPE_CHECK_INVARIANTS
+  // Invariants 1 and 2 of pool.h, for every segment reachable from a free block (a segment
+  // wholly lent has no free block to start from; its blocks are the registry's).
+  size_t cached = 0, mapped = 0;
+  for (const Block* block : free_blocks) {
+    TORCH_INTERNAL_ASSERT(block->state == BlockState::free && block->pool == this, "a free block in the wrong state");
+    cached += block->committed;
+  }
+  std::set<const Segment*> walked;
+  for (const Block* block : free_blocks) {
+    if (!walked.insert(block->segment).second) {
+      continue;
+    }
+    const Block* b = block;
+    while (b->prev != nullptr) {
+      b = b->prev;
+    }
+    const Segment* segment = block->segment;
+    TORCH_INTERNAL_ASSERT(b->addr == segment->base, "a segment's first block does not start it");
+    size_t lent = 0;
+    for (; b != nullptr; b = b->next) {
+      TORCH_INTERNAL_ASSERT(b->segment == segment, "a block in another segment's chain");
+      TORCH_INTERNAL_ASSERT(b->next == nullptr || b->next->addr == b->addr + b->size, "blocks do not tile");
+      TORCH_INTERNAL_ASSERT(b->next != nullptr || b->addr + b->size == segment->base + segment->size,
+                            "blocks do not cover their segment");
+      TORCH_INTERNAL_ASSERT(!(b->state == BlockState::free && b->next != nullptr && b->next->state == BlockState::free),
+                            "free neighbours not merged");
+      if (b->state == BlockState::allocated) {
+        lent += b->size;
+      }
+    }
+    TORCH_INTERNAL_ASSERT(lent == segment->bytes_in_use, "a segment's bytes_in_use is not its lent blocks");
+  }
+  for (const auto& segment : segments) {
+    mapped += segment->size;
+  }
+  TORCH_INTERNAL_ASSERT(cached == bytes_cached, "bytes_cached is not the sum over free blocks");
+  TORCH_INTERNAL_ASSERT(mapped == segment_bytes, "segment_bytes is not the sum of segment sizes");
+  TORCH_INTERNAL_ASSERT(bytes_in_use <= segment_bytes, "more bytes lent than the segments hold");
+#endif
 }
 
 }  // namespace poolscope

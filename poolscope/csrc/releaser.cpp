@@ -14,7 +14,7 @@
 #include <condition_variable>
 #include <thread>
 
-#include "engine.h"
+#include "scope.h"
 
 namespace poolscope {
 
@@ -31,12 +31,12 @@ void loop() {
   pthread_setname_np(pthread_self(), "poolscope-idle");  // what tests and `top -H` see
   std::unique_lock<std::mutex> lock(g_mu);
   for (;;) {
-    Releases out;
-    std::vector<std::shared_ptr<Pool>> pools = pools_locked();
+    Deferred out;
+    std::vector<std::shared_ptr<Pool>> pools = live_pools_locked();
     const int64_t now = mono_us();
     int64_t next = INT64_MAX;
     for (auto& pool : pools) {
-      next = std::min(next, pool->release_timed_out(now, out));
+      next = std::min(next, pool->release_expired(now, out));
     }
     g_deadline = next;
     const uint64_t seen = g_wakeups;
@@ -60,7 +60,7 @@ void loop() {
 
 }  // namespace
 
-void note_cached_locked(Pool* pool, int64_t freed_us, Releases& out) {
+void note_cached_locked(Pool* pool, int64_t freed_us, Deferred& out) {
   const int64_t due = freed_us + pool->release_idle_us;
   if (!g_started) {
     g_started = true;

@@ -8,11 +8,12 @@
 #include <c10/core/CPUAllocator.h>
 
 #include <atomic>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <thread>
 
-#include "engine.h"
+#include "scope.h"
 #include "os.h"
 
 namespace py = pybind11;
@@ -56,6 +57,18 @@ void register_test_hooks(py::module_& m) {
   t.def("simulate_page_size", &os::simulate_page_size, py::arg("page"),
         "Drop pages as a kernel with this page size would (0: the real kernel).");
   t.def("page_size", &os::page_size);
+  t.def("thread_depth", &thread_depth, "Open scopes on the calling thread.");
+  t.def(
+      "fill_free",
+      [](Pool& pool, int value) {
+        // Garbage in every cached block, so that a kernel that reads memory it did not write,
+        // or leaves its output unwritten, shows up.
+        std::lock_guard<std::mutex> lock(g_mu);
+        for (Block* block : pool.free_blocks) {
+          std::memset(block->addr, value, block->size);
+        }
+      },
+      py::arg("pool"), py::arg("value"));
   t.def("refused_drops", &os::refused_drops);
   t.def(
       "try_allocate",

@@ -9,8 +9,9 @@ from typing import Any, Optional
 import torch
 
 from .._config import DEFAULT_THRESHOLD, ByteSize, DeviceLike, parse_count
-from .._frames import describe_block
-from .._scope import PoolScope, make_settings
+from .._diagnostics import describe_block
+from .._options import scope_options
+from .._scope import PoolScope
 
 __all__ = ["assert_no_leaks"]
 
@@ -80,12 +81,12 @@ class assert_no_leaks(contextlib.ContextDecorator):  # noqa: N801 - used like a 
         enable_profiling: bool = False,
     ) -> None:
         self._allow = parse_count(allow_escapes, "allow_escapes")
-        self._settings = make_settings(device, threshold, "all", None, None, "raise", False, None, enable_profiling)
-        self._scope = PoolScope(self._settings)
+        self._options = scope_options(device=device, threshold=threshold, enable_profiling=enable_profiling)
+        self._scope = PoolScope(self._options)
 
     def _recreate_cm(self) -> assert_no_leaks:
         clone = assert_no_leaks.__new__(assert_no_leaks)
-        clone._allow, clone._settings, clone._scope = self._allow, self._settings, PoolScope(self._settings)
+        clone._allow, clone._options, clone._scope = self._allow, self._options, PoolScope(self._options)
         return clone
 
     @property

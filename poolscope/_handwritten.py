@@ -1,7 +1,7 @@
-"""The hand-written global-pool interface, kept so that integrations written against it keep working.
+"""Hand-written global pool compatibility: its interface, so that integrations written against it keep working.
 
-Before poolscope, long-sequence attention code (the dilated-attention project
-whose integration guide ships in ``shared/seed/``) threaded a global pool
+Before poolscope, long-sequence attention code (a dilated-attention project whose
+integration guide users wrote by hand) threaded a global pool
 through its modules: ``get_global_memory_pool(...)``, then
 ``allocate(shape, dtype, device, strategy)`` and ``deallocate(tensor)``. Here
 ``allocate`` serves the tensor from the device's pool and its memory comes
@@ -20,7 +20,8 @@ import torch
 from ._config import DeviceLike, check_bool, parse_choice, parse_device
 from ._errors import PoolscopeTypeError, PoolscopeValueError
 from ._pool import get_pool
-from ._scope import PoolScope, Settings
+from ._options import scope_options
+from ._scope import PoolScope
 from ._stats import PoolStats
 
 __all__ = ["GlobalMemoryPool", "get_global_memory_pool"]
@@ -79,9 +80,9 @@ class GlobalMemoryPool:
         if parse_choice(strategy, "strategy", STRATEGIES) == "fallback":
             tensor = torch.empty(size, dtype=dtype, device=dev)
         else:
-            settings = Settings(dev, threshold=1, pool=get_pool(dev), max_bytes=None, on_limit="raise",
-                                strict=False, name=None, profiling=self.enable_profiling, ticks=False)
-            with PoolScope(settings):
+            options = scope_options(threshold=1, pool=get_pool(dev), enable_profiling=self.enable_profiling,
+                                    counts_exits=False)
+            with PoolScope(options):
                 tensor = torch.empty(size, dtype=dtype, device=dev)
         if zero_init:
             tensor.zero_()

@@ -5,7 +5,7 @@ After every step: no two live tensors share a byte, the ones touched still hold 
 into them, and capped pools stay within their caps. After each program: every tensor still
 holds its contents, and once all are dropped every pool has nothing in use.
 
-    python tests/native_fuzz.py [--seconds S] [--seed N]   # what scripts/sanitize runs
+    python tests/tools/native_fuzz.py [--seconds S] [--seed N]   # what scripts/sanitize runs
 
 Used by tests/test_native_fuzz.py with fixed seeds.
 """

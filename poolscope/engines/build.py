@@ -33,14 +33,15 @@ from typing import Optional
 
 import torch
 
-from ._config import ENV
-from ._errors import PoolscopeError
-from ._torch_compat import cxx11_abi
+from .._config import ENV
+from .._errors import PoolscopeError
+from .._torch_compat import cxx11_abi
 
 __all__ = ["BuildError", "build_dir", "load"]
 
-_SOURCES = ("os.cpp", "pool.cpp", "releaser.cpp", "allocator.cpp", "torch_compat.cpp", "test_hooks.cpp", "bindings.cpp")
-_HEADERS = ("engine.h", "os.h", "test_hooks.h", "torch_compat.h")
+_SOURCES = ("os.cpp", "pool.cpp", "releaser.cpp", "scope_stack.cpp", "allocator.cpp", "torch_compat.cpp",
+            "test_hooks.cpp", "bindings.cpp")
+_HEADERS = ("os.h", "pool.h", "scope.h", "test_hooks.h", "torch_compat.h")
 _CFLAGS = ("-O2",)
 # Extra compile and link flags, for sanitizer builds (scripts/sanitize); part of the cache key.
 _EXTRA_FLAGS_ENV = "POOLSCOPE_EXTRA_CFLAGS"
@@ -67,7 +68,7 @@ class BuildError(PoolscopeError):
 
 
 def _csrc() -> Path:
-    return Path(__file__).with_name("csrc")
+    return Path(__file__).resolve().parent.parent / "csrc"
 
 
 def _digest() -> str:

@@ -21,6 +21,7 @@ everything but values.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from collections.abc import Iterable, Iterator
@@ -30,6 +31,7 @@ from typing import Any, Callable, Optional
 import torch
 
 import poolscope
+from poolscope.engines import engine_for
 
 UNINITIALISED = {"empty", "empty_like", "new_empty", "new_empty_strided", "empty_strided", "empty_permuted"}
 CONTEXTS = ("no_grad", "inference_mode", "grad")
@@ -235,7 +237,8 @@ def sweep(ops: Iterable[Any], pool: poolscope.TensorPool, tally: Tally, contexts
     scoped = scope or (lambda: poolscope.pool_scope(pool=pool, threshold=1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the ops' own deprecation warnings, thousands of them
-        return _sweep(ops, Run(pool._backend.fill_free, scoped, tally, known_nondeterministic), contexts, max_samples)
+        fill = functools.partial(engine_for(pool.device).module._test.fill_free, pool._backend)  # type: ignore[attr-defined]
+        return _sweep(ops, Run(fill, scoped, tally, known_nondeterministic), contexts, max_samples)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The seed's hand-written integration template works unchanged on poolscope."""
+"""Hand-written global pool compatibility: the integration template users wrote works unchanged on poolscope."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def test_bad_arguments():
 
 
 def test_newer_seed_signature_with_positional_strategy():
-    # The seed project's newer pools: allocate(shape, dtype=float32, device=None, strategy="auto").
+    # The hand-written pools' newer interface: allocate(shape, dtype=float32, device=None, strategy="auto").
     pool = get_global_memory_pool()
     for strategy in ("auto", "bucketed", "fragment_aware", "numa_aware", "fallback"):
         t = pool.allocate((256, 1024), torch.float16, None, strategy)

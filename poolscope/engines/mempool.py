@@ -11,7 +11,7 @@ What this engine adds to ``torch.cuda.use_mem_pool``: nesting (PyTorch routes a 
 first pool that was begun, so an inner pool would receive nothing; here only the innermost
 scope's pool is begun, and the outer one again when it exits), figures per scope, escapes and
 ``strict``, and release of a pool nobody uses any more. All calls into PyTorch go through
-``CudaAllocatorAPI`` (``_torch_compat``), which the CPU tests replace with a fake.
+``CudaAllocatorAPI`` (``poolscope._torch_compat``), which the CPU tests replace with a fake.
 
 Limits: the caching allocator routes every allocation of the thread, so ``threshold`` does
 not apply on CUDA; it has no per-pool limit, so ``max_bytes`` is refused for CUDA scopes;
@@ -27,7 +27,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ._engine import PythonPushPop
+from .._stats import PoolStats, ScopeStats
+from .base import PoolLimits, PythonPushPop, ScopeOptions
+from .passthrough import empty_pool_stats
 
 __all__ = ["CudaEngine"]
 
@@ -44,33 +46,26 @@ class _Stacks(threading.local):
 class CudaPool:
     """One device's private pool: a MemPool, made on first use."""
 
-    def __init__(
-        self, engine: CudaEngine, device: torch.device, max_cached: int, max_bytes: int, release_after: int,
-        release_idle_us: int,
-    ) -> None:
+    def __init__(self, engine: CudaEngine, device: torch.device, limits: PoolLimits) -> None:
         self._engine = engine
+        self.device = str(device)
         self.device_index = device.index or 0
         self._mempool: Any = None
         self.idle_exits = 0
         self.open_scopes = 0  # in every thread; under the engine's lock
         self.last_used = engine.clock()
         self.released = {"exits": 0, "time": 0}
-        self.configure(max_cached, max_bytes, release_after, release_idle_us)
+        self.configure(limits)
 
     def mempool(self) -> Any:
         if self._mempool is None:
             self._mempool = self._engine.api.new_pool()
         return self._mempool
 
-    def configure(self, max_cached: int, max_bytes: int, release_after: int, release_idle_us: int) -> None:
-        self.release_after = release_after
-        self.release_idle_s: Optional[float] = None if release_idle_us < 0 else release_idle_us * 1e-6
-        self._limits = {
-            "max_cached_bytes": None if max_cached < 0 else max_cached,
-            "max_bytes": None if max_bytes < 0 else max_bytes,
-            "release_after": release_after,
-            "release_idle_s": self.release_idle_s,
-        }
+    def configure(self, limits: PoolLimits) -> None:
+        self.limits = limits
+        self.release_after = limits.release_after
+        self.release_idle_s = limits.release_idle_s
         if self._mempool is not None and self.release_idle_s is not None:
             self._engine.schedule()
 
@@ -79,33 +74,26 @@ class CudaPool:
             return []
         return [b for s in self._engine.api.segments(self._mempool) for b in s["blocks"]]
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> PoolStats:
+        # Hits, misses, peaks and releases by count are not visible per pool on CUDA: they stay 0.
         segments = self.segments()
         blocks = [b for s in segments for b in s["blocks"]]
         active = [b for b in blocks if b["state"] == ACTIVE]
         in_use = sum(b["size"] for b in active)
         reserved = sum(s["total_size"] for s in segments)
-        return {
-            "bytes_in_use": in_use,
-            "bytes_requested": sum(b.get("requested_size", b["size"]) for b in active),
-            "bytes_cached": reserved - in_use,
-            "bytes_reserved": reserved,
-            "bytes_mapped": reserved,
-            "peak_bytes_in_use": 0,  # not visible per pool
-            "blocks_in_use": len(active),
-            "blocks_cached": len(blocks) - len(active),
-            "segments": len(segments),
-            "hits": 0,
-            "misses": 0,
-            "evictions": 0,
-            "bytes_released": self.released["exits"] + self.released["time"],
-            "bytes_released_by_exits": self.released["exits"],
-            "bytes_released_by_time": self.released["time"],
-            "fallbacks": 0,
-            "exits": 0,
-            "working_set_bytes": 0,
-            **self._limits,
-        }
+        return empty_pool_stats(
+            self.device, self.limits,
+            bytes_in_use=in_use,
+            bytes_requested=sum(b.get("requested_size", b["size"]) for b in active),
+            bytes_cached=reserved - in_use,
+            bytes_reserved=reserved,
+            blocks_in_use=len(active),
+            blocks_cached=len(blocks) - len(active),
+            segments=len(segments),
+            bytes_released=self.released["exits"] + self.released["time"],
+            bytes_released_by_exits=self.released["exits"],
+            bytes_released_by_time=self.released["time"],
+        )
 
     def release(self, everything: bool, reason: Optional[str] = None) -> None:
         """Hand the pool's memory back to PyTorch's allocator once nothing in it is in use.
@@ -131,10 +119,11 @@ class CudaPool:
 class CudaScope:
     """One activation of a scope on a CUDA device."""
 
-    def __init__(self, engine: CudaEngine, pool: CudaPool, profiling: bool) -> None:
+    def __init__(self, engine: CudaEngine, pool: CudaPool, options: ScopeOptions) -> None:
         self._engine = engine
         self.pool = pool
-        self._profiling = profiling
+        self._name = options.name
+        self._profiling = options.profiling
         self._owner: Optional[int] = None
         self._before: set[int] = set()
         self._final: Optional[list[dict[str, Any]]] = None
@@ -186,26 +175,16 @@ class CudaScope:
             if b["state"] == ACTIVE and b["address"] not in self._before
         ]
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> ScopeStats:
+        # Routed counts, hits and peaks are not visible per pool on CUDA: they stay 0.
         live = self.live_blocks()
-        return {
-            "allocations_routed": 0,  # not visible per pool on CUDA
-            "bytes_routed": 0,
-            "hits": 0,
-            "misses": 0,
-            "fallbacks": 0,
-            "refused": 0,
-            "bytes_in_use": sum(b["size"] for b in live),
-            "blocks_in_use": len(live),
-            "peak_bytes_in_use": 0,
-            "alloc_seconds": 0.0,
-        }
+        return ScopeStats(name=self._name, escaped=len(live), bytes_in_use=sum(b["size"] for b in live))
 
     def reset_peak(self) -> None:
         pass
 
-    def limit_error(self) -> None:
-        return None
+    def refusal(self) -> None:
+        return None  # max_bytes is refused for CUDA scopes
 
 
 class CudaEngine(PythonPushPop):
@@ -265,16 +244,12 @@ class CudaEngine(PythonPushPop):
             self._wake.wait(timeout)
             self._wake.clear()
 
-    def new_pool(
-        self, device: torch.device, max_cached: int, max_bytes: int, release_after: int, release_idle_us: int
-    ) -> CudaPool:
-        pool = CudaPool(self, device, max_cached, max_bytes, release_after, release_idle_us)
+    def new_pool(self, device: torch.device, limits: PoolLimits) -> CudaPool:
+        pool = CudaPool(self, device, limits)
         with self.lock:
             self._pools.append(pool)
         return pool
 
-    def new_scope(
-        self, pool: Any, threshold: int, max_bytes: int, fallback: bool, profiling: bool, name: str, ticks: bool
-    ) -> CudaScope:
-        return CudaScope(self, pool, profiling)
+    def new_scope(self, pool: Any, options: ScopeOptions) -> CudaScope:
+        return CudaScope(self, pool, options)
 

@@ -5,13 +5,11 @@ competitor), and against the best hand-written alternative where there is one (p
 ``out=`` buffers, buffers reused by hand). Cases run in child processes, side by side, round
 after round (see ``_harness.py``); figures are medians.
 
-Run:  python benchmarks/engine.py [--rounds 5] [--out benchmarks/results] [--smoke]
+Run:  python benchmarks/allocation.py [--rounds 5] [--out benchmarks/results] [--smoke]
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -19,20 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-MiB = 1 << 20
-
-
-def scoped(mode: str, body: Callable[[], Any]) -> Callable[[], Any]:
-    """``body`` as it runs in ``mode``: one pool scope around each call for "pooled"."""
-    if mode != "pooled":
-        return body
-    import poolscope
-
-    def step() -> Any:
-        with poolscope.pool_scope():
-            return body()
-
-    return step
+from _harness import MiB, scope_for, scoped
 
 
 # --- workloads (each returns the step to time; the child process calls it) ------------------------
@@ -166,12 +151,7 @@ def threads(mode: str, workers: int = 4, iters: int = 200) -> Callable[[], Any]:
     """``workers`` threads, each in a scope of its own when pooled, allocating and touching 4 MiB tensors."""
 
     def work() -> None:
-        cm = contextlib.nullcontext()
-        if mode == "pooled":
-            import poolscope
-
-            cm = poolscope.pool_scope()
-        with cm:
+        with scope_for(mode)():
             for _ in range(iters):
                 torch.zeros(MiB).add_(1)
 
@@ -198,7 +178,7 @@ WORKLOADS: dict[str, tuple[str, dict[str, Any], dict[str, Any], tuple[str, ...]]
     "decode loop, KV cache (48 tokens)": ("decode", {}, {"tokens": 4, "prompt": 256}, ()),
     "attention L=2048, inference_mode": ("attention", {"context": "inference_mode"}, {"length": 256}, ("out",)),
     "attention L=2048, no_grad": ("attention", {"context": "no_grad"}, {"length": 256}, ("out",)),
-    "seed-style 64 MiB scratch forward": ("seed_scratch", {}, {"tokens": 4096}, ("reuse",)),
+    "hand-written-pool style 64 MiB scratch forward": ("seed_scratch", {}, {"tokens": 4096}, ("reuse",)),
     "TransformerEncoder L=4096 d=256": ("encoder", {}, {"length": 256}, ()),
     "torch.empty(1 MiB) + free (10k)": ("hit_path", {}, {"n": 100}, ()),
     "1 thread (200 x 4 MiB)": ("threads", {"workers": 1, "threads": 1}, {"iters": 5, "workers": 1, "threads": 1}, ()),
@@ -227,7 +207,7 @@ def targets(results: dict[str, dict[str, dict[str, Any]]]) -> list[list[str]]:
     for w in ("attention L=2048, inference_mode", "attention L=2048, no_grad"):
         r = ms(w, "poolscope") / ms(w, "out")
         row(w, "vs preallocated out=", ms(w, "poolscope"), ms(w, "out"), "<= 1.05x out=", r <= 1.05)
-    w = "seed-style 64 MiB scratch forward"
+    w = "hand-written-pool style 64 MiB scratch forward"
     row(w, "vs reuse by hand", ms(w, "poolscope"), ms(w, "reuse"), "<= 1.05x reuse", ms(w, "poolscope") / ms(w, "reuse") <= 1.05)
     w = "TransformerEncoder L=4096 d=256"
     row(w, "vs plain", ms(w, "poolscope"), ms(w, "plain"), ">= 1.6x faster", ms(w, "plain") / ms(w, "poolscope") >= 1.6)
@@ -249,15 +229,9 @@ def targets(results: dict[str, dict[str, dict[str, Any]]]) -> list[list[str]]:
 
 
 def main() -> int:
-    from _harness import Case, machine, markdown, peers, side_by_side, write_json
+    from _harness import Case, arguments, machine, markdown, peers, side_by_side, write_json
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="child processes per case (default 5)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed steps per child (default 7)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks that it runs")
-    parser.add_argument("--only", help="run the workloads whose name contains this")
-    args = parser.parse_args()
+    args = arguments(__doc__, rounds=5, repeats=7).parse_args()
     rounds, repeats, warmup = (1, 2, 1) if args.smoke else (args.rounds, args.repeats, 2)
     envs, _ = peers(("plain", "glibc"))
     results: dict[str, dict[str, dict[str, Any]]] = {}
@@ -283,7 +257,7 @@ def main() -> int:
     if table:
         print()
         print(markdown(["workload", "comparison", "poolscope ms", "reference ms", "ratio", "target", "met"], table))
-    name = "engine-smoke.json" if args.smoke else "engine.json"
+    name = "allocation-smoke.json" if args.smoke else "allocation.json"
     if args.only:
         name = name.replace(".json", "-" + "".join(c if c.isalnum() else "-" for c in args.only) + ".json")
     path = write_json(args.out, name,

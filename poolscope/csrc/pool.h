@@ -1,0 +1,206 @@
+// Pools: memory taken from the replaced CPU allocator in segments, carved into blocks, lent
+// to the large tensors of scopes, freed back into the pool when the last reference dies, and
+// released to the system when nothing reuses it.
+//
+// Words (the same in the docs, docs/engines.md's glossary): a block is *lent* from the pool to
+// a tensor and *freed* into the pool when the tensor's memory dies; cached memory is *released*
+// to the system, a whole segment back to the replaced allocator or a free block's pages dropped
+// (madvise). "Cached" means free and possibly resident.
+//
+// Algorithm. A request is rounded up to kGranule and served by best fit (the smallest free
+// block that fits, lowest address among equals), split when the rest is worth keeping (within
+// 1.25x of the request, no crumbs); with no fit the pool grows by a segment sized in classes of
+// 1, 1.25, 1.5, 1.75 x 2^k. A freed block merges with its free neighbours. Retention: cached
+// memory no lend reused during the last `release_after` outermost exits is released
+// (release_stale), and so is memory nothing used for `release_idle_us` (release_expired, from
+// the releaser thread); caps (max_cached, max_bytes) release oldest first (release_down_to).
+//
+// Invariants (under g_mu; check_invariants() asserts them in debug builds):
+//  1. Every block of a segment is in exactly one state: allocated (in the allocator's registry
+//     of lent blocks), free (in free_blocks), or decommitting (in neither, in a Deferred's list
+//     until its pages are dropped, then free again). Blocks of a segment tile it: each block's
+//     next starts where it ends, and no two free blocks are neighbours once merged.
+//  2. bytes_cached is the sum of `committed` over free_blocks; bytes_in_use the sum of the sizes
+//     of allocated blocks; segment_bytes the sum of segment sizes; each segment's bytes_in_use
+//     the sum of its allocated blocks.
+//  3. A Pool lives while Python holds it or any block is lent from it (Block::owner); its
+//     destructor releases the free blocks and segments, so it runs only when none is lent.
+//  4. Nothing that can run Python, and no system call that releases memory, runs under g_mu:
+//     that work goes into a Deferred and runs after unlocking.
+#pragma once
+
+#include <c10/core/Allocator.h>
+#include <c10/util/SmallVector.h>
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#ifdef POOLSCOPE_CHECK_INVARIANTS
+#define POOLSCOPE_CHECK(pool) (pool)->check_invariants()
+#else
+#define POOLSCOPE_CHECK(pool) ((void)0)
+#endif
+
+namespace poolscope {
+
+// The one lock: every pool, every scope's figures and the registry of lent blocks.
+extern std::mutex g_mu;
+
+constexpr size_t kGranule = 512;            // block sizes and offsets: 64-byte alignment and more
+constexpr size_t kMinSegment = size_t{2} << 20;
+constexpr size_t kMaxLend = size_t{1} << 62;  // larger requests are never pooled (no pool could hold one)
+constexpr size_t kTraceLimit = 100000;      // events kept per pool while profiling
+constexpr int64_t kNone = -1;               // "no limit" for the int64 settings below
+
+struct Pool;
+struct Scope;
+struct Segment;
+
+using Context = std::shared_ptr<c10::GatheredContext>;
+
+enum class BlockState : uint8_t { free, allocated, decommitting };
+
+// A byte range of a segment, lent to one storage or free.
+struct Block {
+  Pool* pool = nullptr;
+  Segment* segment = nullptr;
+  char* addr = nullptr;
+  size_t size = 0;
+  Block* prev = nullptr;  // neighbours inside the segment, by address
+  Block* next = nullptr;
+  BlockState state = BlockState::allocated;
+  // While allocated:
+  size_t bytes_requested = 0;
+  c10::SmallVector<std::shared_ptr<Scope>, 4> charged;  // open scopes it counts toward
+  std::shared_ptr<Pool> owner;                             // keeps the pool alive while lent
+  Context context;                                         // where it was allocated (profiling)
+  // While free:
+  uint64_t freed_at_exit = 0;  // the pool's exits when it was last given back
+  int64_t freed_us = 0;      // when it was last given back (steady clock; merged: its most idle resident part)
+  size_t committed = 0;      // bytes that may still be resident (upper bound)
+};
+
+// Memory from the replaced allocator, carved into blocks.
+struct Segment {
+  c10::DataPtr memory;
+  char* base = nullptr;
+  size_t size = 0;
+  size_t bytes_in_use = 0;
+};
+
+struct BySizeThenAddress {
+  bool operator()(const Block* a, const Block* b) const {
+    return a->size != b->size ? a->size < b->size : a->addr < b->addr;
+  }
+};
+
+struct TraceEvent {
+  const char* action;
+  uintptr_t addr;
+  size_t size;
+  int64_t time_us;
+  Context context;
+};
+
+// Work to do once g_mu is released: segments to release, ranges whose pages to drop, and the
+// last references to scopes, pools and stacks (whose destructors may take g_mu or the GIL).
+struct Deferred {
+  std::vector<std::unique_ptr<Segment>> segments;
+  std::vector<Block*> decommit_blocks;  // out of the free set until their pages are dropped
+  std::vector<std::shared_ptr<Scope>> scopes;
+  std::shared_ptr<Pool> pool;
+  std::vector<std::shared_ptr<Pool>> pools;
+  Context context;
+  bool start_releaser = false;  // the first memory cached with release_idle set: start the thread
+  void run();  // call without g_mu
+};
+
+// A pool's figures, named as poolscope.PoolStats names them (bindings.cpp converts).
+struct PoolFigures {
+  int64_t bytes_in_use = 0, bytes_requested = 0, bytes_cached = 0, bytes_reserved = 0, peak_bytes_in_use = 0;
+  int64_t blocks_in_use = 0, blocks_cached = 0, segments = 0;
+  int64_t hits = 0, misses = 0, releases = 0, bytes_released = 0, fallbacks = 0;
+  int64_t bytes_released_by_exits = 0, bytes_released_by_time = 0, working_set_bytes = 0;
+  int64_t max_cached_bytes = kNone, max_bytes = kNone, release_after = 0, release_idle_us = kNone;
+};
+
+// Why cached memory is released to the system (a figure per reason).
+enum class Reason { other, exits, time };
+
+struct Pool : std::enable_shared_from_this<Pool> {
+  explicit Pool(std::string device) : device(std::move(device)) {}
+  ~Pool();
+
+  const std::string device;
+  // Settings (under g_mu).
+  int64_t max_cached = kNone;
+  int64_t max_bytes = kNone;
+  int64_t release_after = 100;  // outermost-scope exits that size the working set
+  int64_t release_idle_us = kNone;  // cached memory unused this long goes back (releaser.cpp)
+
+  // Everything below is under g_mu.
+  std::set<Block*, BySizeThenAddress> free_blocks;
+  std::vector<std::unique_ptr<Segment>> segments;
+  size_t bytes_in_use = 0, bytes_requested = 0, bytes_cached = 0, segment_bytes = 0;
+  size_t growing = 0;  // bytes of segments being allocated outside the lock
+  size_t peak_bytes_in_use = 0;
+  int64_t hits = 0, misses = 0, releases = 0, bytes_released = 0, fallbacks = 0;
+  int64_t bytes_released_by_exits = 0, bytes_released_by_time = 0;
+  int64_t blocks_in_use = 0;
+  // Epochs count outermost-scope exits; the working set (a figure) is the peak bytes in
+  // use between consecutive exits, over the last release_after of them.
+  uint64_t exits = 0;
+  size_t window_peak = 0;
+  std::deque<std::pair<uint64_t, size_t>> recent_peaks;  // (exits, peak), decreasing peaks
+  bool tracing = false;
+  std::deque<TraceEvent> trace;
+
+  // Best fit among free blocks, split when the rest is worth keeping; nullptr if none fits.
+  Block* take(size_t size);
+  void lend_from(Block* block, size_t size);
+  // A new segment's single block, not yet in the free set.
+  Block* add_segment(c10::DataPtr memory, size_t size);
+  void free_block(Block* block, Deferred& out);
+  void insert_free(Block* block);
+  void settle(Block* block);  // a decommitted block rejoins the free set
+  // Give back free memory, oldest first, until at most `budget` bytes may stay resident.
+  void release_down_to(size_t budget, Deferred& out);
+  void release_segments_smaller_than(size_t size, Deferred& out);
+  void release_block(Block* block, Deferred& out, Reason reason = Reason::other);
+  // Give back free memory that no lend of the last `release_after` outermost exits reused.
+  void release_stale(Deferred& out);
+  // Give back free memory unused for release_idle_us by `now`; returns when the next cached
+  // block will be (INT64_MAX: none will).
+  int64_t release_expired(int64_t now, Deferred& out);
+  void tick(Deferred& out);  // an outermost scope exited
+  size_t working_set() const;
+  void record(const char* action, const Block* block, const Context& context);
+  void record_segment(const char* action, const Segment* segment);
+  // Settings from Python; lowering a cap or turning on release_idle acts at once.
+  void configure(int64_t max_cached, int64_t max_bytes, int64_t release_after, int64_t release_idle_us,
+                 Deferred& out);
+  // Release every cached block (everything), or what no recent exit reused (release_stale).
+  void release(bool everything, Deferred& out);
+  PoolFigures figures() const;
+  // Debug builds (-DPOOLSCOPE_CHECK_INVARIANTS): abort on a broken invariant (pool.h's note).
+  void check_invariants() const;
+};
+
+int64_t now_us();   // wall clock (trace events)
+int64_t mono_us();  // steady clock (idle times)
+
+// The background releaser (releaser.cpp). Under g_mu: a block of `pool` became free at freed_us.
+void note_cached_locked(Pool* pool, int64_t freed_us, Deferred& out);
+void wake_releaser_locked();   // a pool's release_idle changed
+void start_releaser();         // without g_mu; from Deferred::run
+void releaser_after_fork_child();  // in a forked child, under g_mu: the thread did not come along
+std::vector<std::shared_ptr<Pool>> live_pools_locked();  // every pool alive (allocator.cpp)
+
+}  // namespace poolscope
