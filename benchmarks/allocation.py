@@ -101,7 +101,7 @@ def attention(mode: str, length: int = 2048, context: str = "inference_mode") ->
     return scoped(mode, body)
 
 
-def seed_scratch(mode: str, tokens: int = 65536, width: int = 256) -> Callable[[], Any]:
+def handwritten_scratch(mode: str, tokens: int = 65536, width: int = 256) -> Callable[[], Any]:
     """The hand-written pools' pattern: zero-initialised output and scratch buffers every forward."""
     x = torch.randn(tokens)
     if mode == "reuse":
@@ -178,7 +178,7 @@ WORKLOADS: dict[str, tuple[str, dict[str, Any], dict[str, Any], tuple[str, ...]]
     "decode loop, KV cache (48 tokens)": ("decode", {}, {"tokens": 4, "prompt": 256}, ()),
     "attention L=2048, inference_mode": ("attention", {"context": "inference_mode"}, {"length": 256}, ("out",)),
     "attention L=2048, no_grad": ("attention", {"context": "no_grad"}, {"length": 256}, ("out",)),
-    "hand-written-pool style 64 MiB scratch forward": ("seed_scratch", {}, {"tokens": 4096}, ("reuse",)),
+    "hand-written-pool style 64 MiB scratch forward": ("handwritten_scratch", {}, {"tokens": 4096}, ("reuse",)),
     "TransformerEncoder L=4096 d=256": ("encoder", {}, {"length": 256}, ()),
     "torch.empty(1 MiB) + free (10k)": ("hit_path", {}, {"n": 100}, ()),
     "1 thread (200 x 4 MiB)": ("threads", {"workers": 1, "threads": 1}, {"iters": 5, "workers": 1, "threads": 1}, ()),
