@@ -18,24 +18,15 @@ size_t round_up(size_t n, size_t to) {
 // A merged block is as idle as its most idle resident part: memory a loop keeps reusing must
 // not lend its recency to a neighbour nobody touches (a one-off spike's segment). Parts whose
 // pages were already dropped cost nothing and do not count.
-uint64_t merged_exit(const Block* a, const Block* b) {
+template <typename T>
+T most_idle(const Block* a, const Block* b, T Block::*when) {
   if (a->committed == 0) {
-    return b->freed_at_exit;
+    return b->*when;
   }
   if (b->committed == 0) {
-    return a->freed_at_exit;
+    return a->*when;
   }
-  return std::min(a->freed_at_exit, b->freed_at_exit);
-}
-
-int64_t merged_time(const Block* a, const Block* b) {
-  if (a->committed == 0) {
-    return b->freed_us;
-  }
-  if (b->committed == 0) {
-    return a->freed_us;
-  }
-  return std::min(a->freed_us, b->freed_us);
+  return std::min(a->*when, b->*when);
 }
 
 }  // namespace
@@ -177,8 +168,8 @@ void Pool::insert_free(Block* block) {
   if (prev != nullptr && prev->state == BlockState::free) {
     free_blocks.erase(prev);
     bytes_cached -= prev->committed;
-    prev->freed_at_exit = merged_exit(prev, block);
-    prev->freed_us = merged_time(prev, block);
+    prev->freed_at_exit = most_idle(prev, block, &Block::freed_at_exit);
+    prev->freed_us = most_idle(prev, block, &Block::freed_us);
     prev->size += block->size;
     prev->committed += block->committed;
     prev->next = block->next;
@@ -192,8 +183,8 @@ void Pool::insert_free(Block* block) {
   if (next != nullptr && next->state == BlockState::free) {
     free_blocks.erase(next);
     bytes_cached -= next->committed;
-    block->freed_at_exit = merged_exit(block, next);
-    block->freed_us = merged_time(block, next);
+    block->freed_at_exit = most_idle(block, next, &Block::freed_at_exit);
+    block->freed_us = most_idle(block, next, &Block::freed_us);
     block->size += next->size;
     block->committed += next->committed;
     block->next = next->next;

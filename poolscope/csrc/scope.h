@@ -53,7 +53,6 @@ void enter(const std::shared_ptr<Scope>& scope);
 // scope that counts_exits advances every pool's exit count (Pool::tick).
 ExitResult exit(const std::shared_ptr<Scope>& scope);
 extern thread_local Scope* t_innermost;  // the calling thread's innermost open scope, or nullptr
-Scope* innermost();
 size_t thread_depth();  // open scopes on the calling thread (test hooks)
 
 // The allocator (allocator.cpp).

@@ -58,10 +58,6 @@ ExitResult exit(const std::shared_ptr<Scope>& scope) {
   return ExitResult::ok;
 }
 
-Scope* innermost() {
-  return t_innermost;
-}
-
 size_t thread_depth() {
   return t_stack.scopes.size();
 }
