@@ -263,6 +263,9 @@ def main() -> int:
 
     parser = arguments(__doc__, rounds=1, repeats=5)
     parser.add_argument("--contexts", default="no_grad,inference_mode")
+    parser.add_argument("--also-threshold", metavar="BYTES",
+                        help="a second poolscope column with this POOLSCOPE_THRESHOLD (e.g. 256KiB): "
+                             "measures another default on every workload in the same run")
     parser.add_argument("--from-json", type=Path, help="draw the plot of an earlier run's results")
     args = parser.parse_args()
     if args.from_json:
@@ -273,6 +276,9 @@ def main() -> int:
         return 0
     envs, missing = peers()
     cases = [Case(name, "plain", env) for name, env in envs.items()] + [Case("poolscope", "pooled")]
+    variant = f"poolscope {args.also_threshold}" if args.also_threshold else None
+    if variant:
+        cases.append(Case(variant, "pooled", {"POOLSCOPE_THRESHOLD": args.also_threshold}))
     rounds, repeats = (1, 1) if args.smoke else (args.rounds, args.repeats)
     results: dict[str, dict[str, Any]] = {}
     skipped: list[str] = []
@@ -288,9 +294,10 @@ def main() -> int:
                 break
     print(f"\nmachine: {machine()}; {rounds} round(s) x {repeats} calls, medians")
     print(f"missing peers: {'; '.join(missing) or 'none'}; skipped: {'; '.join(skipped) or 'none'}\n")
-    peer_names = [c.label for c in cases if c.label not in ("plain", "poolscope")]
+    peer_names = [c.label for c in cases if c.label not in ("plain", "poolscope", variant)]
     header = ["workload", "plain ms", "poolscope ms", "speedup", *[f"{p} ms" for p in peer_names],
               "poolscope vs fastest peer (median [min-max] of rounds)",
+              *([f"{variant} ms", f"{variant} vs fastest peer", f"{variant} faults"] if variant else []),
               "CPU user / sys ms plain", "poolscope", "fastest peer",
               "faults plain / poolscope", "peak RSS MiB plain / poolscope", "end RSS MiB plain / poolscope / fastest peer",
               "identical"]
@@ -304,10 +311,15 @@ def main() -> int:
         def cpu(x: dict[str, Any]) -> str:
             return f"{x['user_ms']:.0f} / {x['sys_ms']:.0f}"
 
+        def variant_cells(x: dict[str, Any], v: Any) -> list[str]:
+            same_bits = "" if x["extra"].get("digest") == plain["extra"].get("digest") else " NOT IDENTICAL"
+            return [f"{x['ms']:.1f}{same_bits}", f"{v[0]:.2f}x [{v[1]:.2f}-{v[2]:.2f}]" if v else "-", f"{x['faults']:.0f}"]
+
         rows.append([
             name, f"{plain['ms']:.1f}", f"{pooled['ms']:.1f}", f"{plain['ms'] / pooled['ms']:.2f}x",
             *[f"{r[p]['ms']:.1f}" for p in peer_names],
             f"{versus[0]:.2f}x [{versus[1]:.2f}-{versus[2]:.2f}] ({versus[3]})" if versus else "-",
+            *(variant_cells(r[variant], versus_fastest(r, variant, peer_names)) if variant else []),
             cpu(plain), cpu(pooled), f"{cpu(fastest)} ({versus[3]})" if versus and fastest else "-",
             f"{plain['faults']:.0f} / {pooled['faults']:.0f}",
             f"{plain['peak_rss_mib']:.0f} / {pooled['peak_rss_mib']:.0f}",
