@@ -5,7 +5,8 @@ interleaved), so that a noisy machine slows all of them alike. Figures are media
 A child imports torch (and poolscope only for the pooled modes), builds a workload's step for
 one mode, warms it up, times ``repeats`` steps, and reports on stdout as JSON: per-step times,
 minor page faults per step, peak RSS (VmHWM) and RSS at the end, after the workload's tensors
-are gone and a garbage collection ran.
+are gone and a garbage collection ran, and, with the parameter ``idle_s``, RSS once the process
+has been idle that long (what allocators that release memory by time still hold).
 
 Allocator setups ("peers"): plain; glibc told never to give big blocks back
 (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``, PyTorch's own tuning advice for CPU);
@@ -157,6 +158,7 @@ def _child(script: str, workload: str, mode: str, params: dict[str, Any]) -> dic
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     repeats, warmup = params.pop("repeats"), params.pop("warmup")
+    idle_s = float(params.pop("idle_s", 0))
     step: Callable[[], Any] = getattr(module, workload)(mode, **params)
     for _ in range(warmup):
         step()
@@ -173,6 +175,9 @@ def _child(script: str, workload: str, mode: str, params: dict[str, Any]) -> dic
     report = getattr(step, "report", lambda: {})
     gc.collect()
     end = {"peak_rss": _status("VmHWM:"), "end_rss": _status("VmRSS:")}  # before the report, which may release memory
+    if idle_s > 0:  # what the setup still holds once the process has been idle that long
+        time.sleep(idle_s)
+        end["idle_rss"] = _status("VmRSS:")
     return {"times": times, "faults": faults, "user": user, "system": system, **end, **report()}
 
 
@@ -212,7 +217,9 @@ def side_by_side(
             "faults": statistics.median(statistics.median(run["faults"]) for run in runs),
             "peak_rss_mib": statistics.median(run["peak_rss"] for run in runs) / 2**20,
             "end_rss_mib": statistics.median(run["end_rss"] for run in runs) / 2**20,
-            "extra": {k: v for k, v in runs[-1].items() if k not in ("times", "faults", "user", "system", "peak_rss", "end_rss")},
+            **({"idle_rss_mib": statistics.median(run["idle_rss"] for run in runs) / 2**20} if "idle_rss" in runs[0] else {}),
+            "extra": {k: v for k, v in runs[-1].items()
+                      if k not in ("times", "faults", "user", "system", "peak_rss", "end_rss", "idle_rss")},
         }
         log(f"  {workload:<28} {label:<22} {summary[label]['ms']:10.3f} ms  faults {summary[label]['faults']:>8.0f}")
     return summary

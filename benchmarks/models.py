@@ -266,6 +266,9 @@ def main() -> int:
     parser.add_argument("--also-threshold", metavar="BYTES",
                         help="a second poolscope column with this POOLSCOPE_THRESHOLD (e.g. 256KiB): "
                              "measures another default on every workload in the same run")
+    parser.add_argument("--idle-s", type=float, default=0.0,
+                        help="also measure RSS this many seconds after the last call (poolscope releases by time "
+                             "after release_idle_s, 10 s by default; some peers never do)")
     parser.add_argument("--from-json", type=Path, help="draw the plot of an earlier run's results")
     args = parser.parse_args()
     if args.from_json:
@@ -287,6 +290,8 @@ def main() -> int:
             continue
         for context in args.contexts.split(","):
             p = {**params, **(smoke if args.smoke else {}), "context": context, "repeats": repeats, "warmup": 1}
+            if args.idle_s > 0:
+                p["idle_s"] = args.idle_s
             try:
                 results[f"{row}, {context}"] = side_by_side(Path(__file__), fn, cases, p, rounds)
             except RuntimeError as exc:  # a model library missing here: say so, go on
@@ -300,6 +305,7 @@ def main() -> int:
               *([f"{variant} ms", f"{variant} vs fastest peer", f"{variant} faults"] if variant else []),
               "CPU user / sys ms plain", "poolscope", "fastest peer",
               "faults plain / poolscope", "peak RSS MiB plain / poolscope", "end RSS MiB plain / poolscope / fastest peer",
+              *([f"RSS MiB after {args.idle_s:g} s idle plain / poolscope / fastest peer"] if args.idle_s > 0 else []),
               "identical"]
     rows = []
     for name, r in results.items():
@@ -324,6 +330,8 @@ def main() -> int:
             f"{plain['faults']:.0f} / {pooled['faults']:.0f}",
             f"{plain['peak_rss_mib']:.0f} / {pooled['peak_rss_mib']:.0f}",
             f"{plain['end_rss_mib']:.0f} / {pooled['end_rss_mib']:.0f} / " + (f"{fastest['end_rss_mib']:.0f}" if fastest else "-"),
+            *([f"{plain['idle_rss_mib']:.0f} / {pooled['idle_rss_mib']:.0f} / " + (f"{fastest['idle_rss_mib']:.0f}" if fastest else "-")]
+              if args.idle_s > 0 else []),
             "yes" if same else "NO",
         ])
     print(markdown(header, rows))
