@@ -1,12 +1,16 @@
 """What the benchmark scripts share: each case runs in a child process of its own, under one
-allocator setup, and the cases of a workload run in turn, round after round (side by side,
-interleaved), so that a noisy machine slows all of them alike. Figures are medians.
+allocator setup, and the cases of a workload make their timed calls in turn, call by call (side
+by side, interleaved), so that a machine whose speed drifts slows all of them alike. Figures are
+medians.
 
-A child imports torch (and poolscope only for the pooled modes), builds a workload's step for
-one mode, warms it up, times ``repeats`` steps, and reports on stdout as JSON: per-step times,
-minor page faults per step, peak RSS (VmHWM) and RSS at the end, after the workload's tensors
-are gone and a garbage collection ran, and, with the parameter ``idle_s``, RSS once the process
-has been idle that long (what allocators that release memory by time still hold).
+In each round every case's child starts at once, imports torch (and poolscope only for the
+pooled modes), builds a workload's step for its mode and warms it up. Then the parent asks the
+children for one timed call each, in turn, ``repeats`` times (a *turn* is one call of every case,
+a few seconds apart at most), rotating who goes first. A child reports each call on stdout as
+JSON (time, minor page faults, user and system CPU) and, at the end, peak RSS (VmHWM) and RSS
+after the workload's tensors are gone and a garbage collection ran, and, with the parameter
+``idle_s``, RSS once the process has been idle that long (what allocators that release memory by
+time still hold).
 
 Allocator setups ("peers"): plain; glibc told never to give big blocks back
 (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``, PyTorch's own tuning advice for CPU);
@@ -25,6 +29,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +152,16 @@ def _usage() -> tuple[int, float, float]:
     return u.ru_minflt, u.ru_utime, u.ru_stime
 
 
-def _child(script: str, workload: str, mode: str, params: dict[str, Any]) -> dict[str, Any]:
+IDLE_IGNORED_S = 600  # poolscope's release_idle_s in pooled children (see _Child)
+_REPLY = "@@harness "  # marks the child's protocol lines among whatever a workload prints
+
+
+def _reply(message: dict[str, Any]) -> None:
+    print(_REPLY + json.dumps(message), flush=True)
+
+
+def _serve(script: str, workload: str, mode: str, params: dict[str, Any]) -> None:
+    """The child: build and warm up, then one timed call per "call" line on stdin; "end" reports."""
     import gc
 
     import torch
@@ -157,81 +171,127 @@ def _child(script: str, workload: str, mode: str, params: dict[str, Any]) -> dic
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    repeats, warmup = params.pop("repeats"), params.pop("warmup")
-    idle_s = float(params.pop("idle_s", 0))
+    params.pop("repeats")  # the parent counts the calls
+    warmup, idle_s = params.pop("warmup"), float(params.pop("idle_s", 0))
     step: Callable[[], Any] = getattr(module, workload)(mode, **params)
     for _ in range(warmup):
         step()
-    times, faults, user, system = [], [], [], []
-    for _ in range(repeats):
+    _reply({"ready": True})
+    for line in sys.stdin:
+        if line.strip() != "call":
+            break
         (f0, u0, s0), t0 = _usage(), time.perf_counter()
         result = step()
-        times.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
         f1, u1, s1 = _usage()
-        faults.append(f1 - f0)
-        user.append(u1 - u0)
-        system.append(s1 - s0)
         del result
+        _reply({"time": elapsed, "faults": f1 - f0, "user": u1 - u0, "system": s1 - s0})
     report = getattr(step, "report", lambda: {})
     gc.collect()
     end = {"peak_rss": _status("VmHWM:"), "end_rss": _status("VmRSS:")}  # before the report, which may release memory
     if idle_s > 0:  # what the setup still holds once the process has been idle that long
         time.sleep(idle_s)
         end["idle_rss"] = _status("VmRSS:")
-    return {"times": times, "faults": faults, "user": user, "system": system, **end, **report()}
+    _reply({**end, **report()})
 
 
-def run_child(script: Path, workload: str, case: Case, params: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
-    env = {**os.environ, **case.env, "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run(
-        [sys.executable, str(HERE / "_harness.py"), str(script), workload, case.mode, json.dumps(params)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"{workload} [{case.label}] failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+class _Child:
+    """One case's child process, answering the parent's requests."""
+
+    def __init__(self, script: Path, workload: str, case: Case, params: dict[str, Any]) -> None:
+        self.name = f"{workload} [{case.label}]"
+        self.errors = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads could fill and block the child
+        env = {**os.environ, **case.env, "PYTHONWARNINGS": "ignore"}
+        if case.mode == "pooled":
+            # A child waits for the others' calls between two of its own (BERT: 6 x 3 s): poolscope would
+            # take a wait over release_idle_s (10 s) for idleness and release its cache, which a loop
+            # calling back to back never does. Unless the case or the caller sets it, waits do not count.
+            env.setdefault("POOLSCOPE_RELEASE_IDLE_S", str(IDLE_IGNORED_S))
+        self.process = subprocess.Popen(
+            [sys.executable, str(HERE / "_harness.py"), str(script), workload, case.mode, json.dumps(params)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True, env=env,
+        )
+
+    def ask(self, request: Optional[str] = None) -> dict[str, Any]:
+        """Send ``request`` (None: only wait) and return the child's next reply."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        if request is not None:
+            self.process.stdin.write(request + "\n")
+            self.process.stdin.flush()
+        for line in self.process.stdout:
+            if line.startswith(_REPLY):
+                reply: dict[str, Any] = json.loads(line[len(_REPLY):])
+                return reply
+        self.process.wait()
+        self.errors.seek(0)
+        raise RuntimeError(f"{self.name} failed (exit {self.process.returncode}):\n{self.errors.read()[-3000:]}")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.errors.close()
+
+
+def _round(script: Path, workload: str, cases: list[Case], params: dict[str, Any], repeats: int, first: int) -> list[dict[str, Any]]:
+    """One child per case, started together; ``repeats`` turns of one timed call each; their reports."""
+    children = [_Child(script, workload, case, dict(params)) for case in cases]
+    try:
+        for child in children:
+            child.ask()  # built and warmed up
+        calls: list[list[dict[str, Any]]] = [[] for _ in cases]
+        for turn in range(repeats):
+            k = (first + turn) % len(cases)  # rotate who goes first
+            for i in list(range(k, len(cases))) + list(range(k)):
+                calls[i].append(children[i].ask("call"))
+        runs = []
+        for i, child in enumerate(children):
+            end = child.ask("end")
+            runs.append({key: [c[key] for c in calls[i]] for key in ("time", "faults", "user", "system")} | end)
+        return runs
+    finally:
+        for child in children:
+            child.close()
 
 
 def side_by_side(
     script: Path, workload: str, cases: list[Case], params: dict[str, Any], rounds: int, log: Callable[[str], None] = print
 ) -> dict[str, dict[str, Any]]:
-    """Every case of a workload, one child each, in turn for ``rounds`` rounds; per-case medians."""
+    """Every case of a workload, call by call in turn, for ``rounds`` rounds of fresh children; per-case medians."""
+    params = dict(params)
+    repeats = int(params["repeats"])
     per_case: dict[str, list[dict[str, Any]]] = {c.label: [] for c in cases}
     for r in range(rounds):
-        order = cases[r % len(cases):] + cases[: r % len(cases)]  # rotate who goes first
-        for case in order:
-            per_case[case.label].append(run_child(script, workload, case, dict(params)))
+        for case, run in zip(cases, _round(script, workload, cases, params, repeats, first=r * repeats)):
+            per_case[case.label].append(run)
     summary = {}
     for label, runs in per_case.items():
-        step_medians = [statistics.median(run["times"]) for run in runs]
+        med = statistics.median
         summary[label] = {
-            "ms": statistics.median(step_medians) * 1e3,
-            "round_ms": [m * 1e3 for m in step_medians],  # one median per round, in round order
-            "user_ms": statistics.median(statistics.median(run["user"]) for run in runs) * 1e3,
-            "sys_ms": statistics.median(statistics.median(run["system"]) for run in runs) * 1e3,
-            "ms_min": min(min(run["times"]) for run in runs) * 1e3,
-            "ms_max": max(max(run["times"]) for run in runs) * 1e3,
-            "faults": statistics.median(statistics.median(run["faults"]) for run in runs),
-            "peak_rss_mib": statistics.median(run["peak_rss"] for run in runs) / 2**20,
-            "end_rss_mib": statistics.median(run["end_rss"] for run in runs) / 2**20,
-            **({"idle_rss_mib": statistics.median(run["idle_rss"] for run in runs) / 2**20} if "idle_rss" in runs[0] else {}),
+            "ms": med(med(run["time"]) for run in runs) * 1e3,
+            "turn_ms": [t * 1e3 for run in runs for t in run["time"]],  # one call per turn, in turn order
+            "user_ms": med(med(run["user"]) for run in runs) * 1e3,
+            "sys_ms": med(med(run["system"]) for run in runs) * 1e3,
+            "ms_min": min(min(run["time"]) for run in runs) * 1e3,
+            "ms_max": max(max(run["time"]) for run in runs) * 1e3,
+            "faults": med(med(run["faults"]) for run in runs),
+            "peak_rss_mib": med(run["peak_rss"] for run in runs) / 2**20,
+            "end_rss_mib": med(run["end_rss"] for run in runs) / 2**20,
+            **({"idle_rss_mib": med(run["idle_rss"] for run in runs) / 2**20} if "idle_rss" in runs[0] else {}),
             "extra": {k: v for k, v in runs[-1].items()
-                      if k not in ("times", "faults", "user", "system", "peak_rss", "end_rss", "idle_rss")},
+                      if k not in ("time", "faults", "user", "system", "peak_rss", "end_rss", "idle_rss")},
         }
         log(f"  {workload:<28} {label:<22} {summary[label]['ms']:10.3f} ms  faults {summary[label]['faults']:>8.0f}")
     return summary
 
 
 def versus_fastest(summary: dict[str, dict[str, Any]], label: str, peers: list[str]) -> Optional[tuple[float, float, float, str]]:
-    """``label``'s time over the fastest of ``peers`` in each round: (median, min, max, fastest overall)."""
+    """``label``'s time over the fastest of ``peers`` in each turn: (median, min, max, fastest overall)."""
     present = [p for p in peers if p in summary]
     if not present:
         return None
-    rounds = len(summary[label]["round_ms"])
-    ratios = [summary[label]["round_ms"][r] / min(summary[p]["round_ms"][r] for p in present) for r in range(rounds)]
+    turns = len(summary[label]["turn_ms"])
+    ratios = [summary[label]["turn_ms"][t] / min(summary[p]["turn_ms"][t] for p in present) for t in range(turns)]
     fastest = min(present, key=lambda p: summary[p]["ms"])
     return statistics.median(ratios), min(ratios), max(ratios), fastest
 
@@ -251,4 +311,4 @@ def write_json(out_dir: Path, name: str, data: dict[str, Any]) -> Path:
 
 if __name__ == "__main__":
     script_arg, workload_arg, mode_arg, params_arg = sys.argv[1:5]
-    print(json.dumps(_child(script_arg, workload_arg, mode_arg, json.loads(params_arg))))
+    _serve(script_arg, workload_arg, mode_arg, json.loads(params_arg))

@@ -278,10 +278,13 @@ def main() -> int:
         print(f"plot: {picture}" if plot(json.loads(args.from_json.read_text())["results"], picture) else "no plot: matplotlib missing")
         return 0
     envs, missing = peers()
-    cases = [Case(name, "plain", env) for name, env in envs.items()] + [Case("poolscope", "pooled")]
+    # --idle-s measures what is released by time: poolscope keeps its default release_idle_s then
+    # (the harness otherwise ignores waits between calls; a wait over 10 s would release the cache).
+    by_time = {"POOLSCOPE_RELEASE_IDLE_S": "10"} if args.idle_s > 0 else {}
+    cases = [Case(name, "plain", env) for name, env in envs.items()] + [Case("poolscope", "pooled", by_time)]
     variant = f"poolscope {args.also_threshold}" if args.also_threshold else None
     if variant:
-        cases.append(Case(variant, "pooled", {"POOLSCOPE_THRESHOLD": args.also_threshold}))
+        cases.append(Case(variant, "pooled", {"POOLSCOPE_THRESHOLD": args.also_threshold, **by_time}))
     rounds, repeats = (1, 1) if args.smoke else (args.rounds, args.repeats)
     results: dict[str, dict[str, Any]] = {}
     skipped: list[str] = []
@@ -301,7 +304,7 @@ def main() -> int:
     print(f"missing peers: {'; '.join(missing) or 'none'}; skipped: {'; '.join(skipped) or 'none'}\n")
     peer_names = [c.label for c in cases if c.label not in ("plain", "poolscope", variant)]
     header = ["workload", "plain ms", "poolscope ms", "speedup", *[f"{p} ms" for p in peer_names],
-              "poolscope vs fastest peer (median [min-max] of rounds)",
+              "poolscope vs fastest peer (median [min-max] of turns)",
               *([f"{variant} ms", f"{variant} vs fastest peer", f"{variant} faults"] if variant else []),
               "CPU user / sys ms plain", "poolscope", "fastest peer",
               "faults plain / poolscope", "peak RSS MiB plain / poolscope", "end RSS MiB plain / poolscope / fastest peer",
