@@ -212,12 +212,16 @@ class _Child:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True, env=env,
         )
 
+    def send(self, request: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(request + "\n")
+        self.process.stdin.flush()
+
     def ask(self, request: Optional[str] = None) -> dict[str, Any]:
         """Send ``request`` (None: only wait) and return the child's next reply."""
-        assert self.process.stdin is not None and self.process.stdout is not None
+        assert self.process.stdout is not None
         if request is not None:
-            self.process.stdin.write(request + "\n")
-            self.process.stdin.flush()
+            self.send(request)
         for line in self.process.stdout:
             if line.startswith(_REPLY):
                 reply: dict[str, Any] = json.loads(line[len(_REPLY):])
@@ -244,11 +248,10 @@ def _round(script: Path, workload: str, cases: list[Case], params: dict[str, Any
             k = (first + turn) % len(cases)  # rotate who goes first
             for i in list(range(k, len(cases))) + list(range(k)):
                 calls[i].append(children[i].ask("call"))
-        runs = []
-        for i, child in enumerate(children):
-            end = child.ask("end")
-            runs.append({key: [c[key] for c in calls[i]] for key in ("time", "faults", "user", "system")} | end)
-        return runs
+        for child in children:  # all at once: each one's end (and idle spell) starts now, not after the others'
+            child.send("end")
+        return [{key: [c[key] for c in calls[i]] for key in ("time", "faults", "user", "system")} | child.ask()
+                for i, child in enumerate(children)]
     finally:
         for child in children:
             child.close()

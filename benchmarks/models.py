@@ -20,6 +20,7 @@ own, .venv-models: timm needs torchvision, and torchvision a torch built with it
 from __future__ import annotations
 
 import hashlib
+import statistics
 import sys
 import types
 from pathlib import Path
@@ -258,6 +259,29 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> bool:
     return True
 
 
+def against_the_others(results: dict[str, dict[str, Any]], setups: list[str]) -> str:
+    """Each setup's time over the fastest of the other setups, per turn, as poolscope's is reported.
+
+    The control for "vs fastest peer": the fastest of several setups in a turn is the luckiest
+    of several noisy draws, so even the fastest allocator scores above 1.00x this way.
+    """
+    from _harness import markdown
+
+    if len(setups) < 2:
+        return "(no other setup to compare with)"
+    rows = []
+    for setup in setups:
+        per_row = []
+        for r in results.values():
+            others = [o for o in setups if o != setup and o in r]
+            turns = len(r[setup]["turn_ms"])
+            per_row.append(statistics.median(r[setup]["turn_ms"][t] / min(r[o]["turn_ms"][t] for o in others)
+                                             for t in range(turns)))
+        rows.append([setup, f"{statistics.median(per_row):.3f}x", f"{sum(x <= 1.0 for x in per_row)} of {len(per_row)}",
+                     f"{sum(x <= 1.05 for x in per_row)} of {len(per_row)}", f"{max(per_row):.2f}x"])
+    return markdown(["setup", "median over rows", "rows at or below 1.00x", "rows at or below 1.05x", "worst row"], rows)
+
+
 def main() -> int:
     from _harness import Case, arguments, machine, markdown, peers, side_by_side, versus_fastest, write_json
 
@@ -274,6 +298,9 @@ def main() -> int:
     if args.from_json:
         import json
 
+        earlier = json.loads(args.from_json.read_text())["results"]
+        present = [k for k in ("poolscope", "glibc", "jemalloc", "mimalloc", "tcmalloc") if k in next(iter(earlier.values()))]
+        print(against_the_others(earlier, present) + "\n")
         picture = args.from_json.with_suffix(".png")
         print(f"plot: {picture}" if plot(json.loads(args.from_json.read_text())["results"], picture) else "no plot: matplotlib missing")
         return 0
@@ -338,6 +365,9 @@ def main() -> int:
             "yes" if same else "NO",
         ])
     print(markdown(header, rows))
+    if results and rounds * repeats > 0:
+        print("\nEach setup against the fastest of the others, turn by turn (the control for the column above):\n")
+        print(against_the_others(results, ["poolscope", *peer_names]))
     out = write_json(args.out, "models-smoke.json" if args.smoke else "models.json",
                      {"machine": machine(), "rounds": rounds, "missing": missing, "skipped": skipped, "results": results})
     picture = args.out / ("models-smoke.png" if args.smoke else "models.png")
