@@ -146,7 +146,7 @@ def _status(key: str) -> int:
     return 0
 
 
-def _usage() -> tuple[int, float, float]:
+def usage() -> tuple[int, float, float]:
     """Minor page faults, user and system CPU seconds of the process so far (every thread)."""
     u = resource.getrusage(resource.RUSAGE_SELF)
     return u.ru_minflt, u.ru_utime, u.ru_stime
@@ -160,10 +160,8 @@ def _reply(message: dict[str, Any]) -> None:
     print(_REPLY + json.dumps(message), flush=True)
 
 
-def _serve(script: str, workload: str, mode: str, params: dict[str, Any]) -> None:
-    """The child: build and warm up, then one timed call per "call" line on stdin; "end" reports."""
-    import gc
-
+def load_step(script: str | Path, workload: str, mode: str, params: dict[str, Any]) -> Callable[[], Any]:
+    """In a child: the thread count set, ``workload`` of ``script`` built for ``mode`` with ``params``."""
     import torch
 
     torch.set_num_threads(int(params.pop("threads", os.cpu_count() or 1)))
@@ -171,19 +169,27 @@ def _serve(script: str, workload: str, mode: str, params: dict[str, Any]) -> Non
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    step: Callable[[], Any] = getattr(module, workload)(mode, **params)
+    return step
+
+
+def _serve(script: str, workload: str, mode: str, params: dict[str, Any]) -> None:
+    """The child: build and warm up, then one timed call per "call" line on stdin; "end" reports."""
+    import gc
+
     params.pop("repeats")  # the parent counts the calls
     warmup, idle_s = params.pop("warmup"), float(params.pop("idle_s", 0))
-    step: Callable[[], Any] = getattr(module, workload)(mode, **params)
+    step = load_step(script, workload, mode, params)
     for _ in range(warmup):
         step()
     _reply({"ready": True})
     for line in sys.stdin:
         if line.strip() != "call":
             break
-        (f0, u0, s0), t0 = _usage(), time.perf_counter()
+        (f0, u0, s0), t0 = usage(), time.perf_counter()
         result = step()
         elapsed = time.perf_counter() - t0
-        f1, u1, s1 = _usage()
+        f1, u1, s1 = usage()
         del result
         _reply({"time": elapsed, "faults": f1 - f0, "user": u1 - u0, "system": s1 - s0})
     report = getattr(step, "report", lambda: {})

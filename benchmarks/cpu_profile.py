@@ -35,7 +35,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from _harness import Case, arguments, machine, markdown, peers, write_json
+from _harness import Case, arguments, load_step, machine, markdown, peers, usage, write_json
 
 HERE = Path(__file__).resolve().parent
 RATE_HZ = 499
@@ -90,15 +90,21 @@ def perf_problem() -> str | None:
 
 def run_variant(case: Case, workload: str, params: dict[str, Any], seconds: float, sample: bool) -> dict[str, Any]:
     """One child: warm up, signal, call the workload in a loop until told to stop; perf samples it meanwhile."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryFile(mode="w+") as errors:
         ready, stop, data = Path(tmp) / "ready", Path(tmp) / "stop", Path(tmp) / "perf.data"
+        # stderr to a file: a pipe nobody reads while the loop runs could fill and block the child.
         child = subprocess.Popen(
             [sys.executable, __file__, "--child", workload, case.mode, json.dumps(params), str(ready), str(stop)],
-            env={**os.environ, **case.env, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **case.env, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.PIPE, stderr=errors, text=True,
         )
+
+        def failure() -> RuntimeError:
+            errors.seek(0)
+            return RuntimeError(f"{workload} [{case.label}] failed:\n{errors.read()[-3000:]}")
+
         while not ready.exists():
             if child.poll() is not None:
-                raise RuntimeError(f"{workload} [{case.label}] failed:\n{child.stderr.read()[-3000:]}")
+                raise failure()
             time.sleep(0.2)
         if sample:
             subprocess.run(["perf", "record", "-e", "cpu-clock", "-F", str(RATE_HZ), "-p", str(child.pid), "-o", str(data),
@@ -106,9 +112,9 @@ def run_variant(case: Case, workload: str, params: dict[str, Any], seconds: floa
         else:
             time.sleep(seconds)
         stop.touch()
-        stdout, stderr = child.communicate(timeout=600)
+        stdout, _ = child.communicate(timeout=600)
         if child.returncode != 0:
-            raise RuntimeError(f"{workload} [{case.label}] failed:\n{stderr[-3000:]}")
+            raise failure()
         result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
         if sample:
             calls = seconds * 1e3 / result["ms"]
@@ -118,30 +124,19 @@ def run_variant(case: Case, workload: str, params: dict[str, Any], seconds: floa
 
 
 def child(workload: str, mode: str, params: dict[str, Any], ready: str, stop: str) -> dict[str, Any]:
-    import importlib.util
-    import resource
-
-    import torch
-
-    torch.set_num_threads(int(params.pop("threads", os.cpu_count() or 1)))
-    spec = importlib.util.spec_from_file_location("workloads", HERE / "models.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    context = params.pop("context")
-    step = getattr(module, workload)(mode, context, **params)
+    step = load_step(HERE / "models.py", workload, mode, params)
     step()
     step()
     Path(ready).write_text(str(os.getpid()))
     times, faults, user, system = [], [], [], []
     while not os.path.exists(stop) or not times:
-        u0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        (f0, u0, s0), t0 = usage(), time.perf_counter()
         step()
-        t1, u1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        t1, (f1, u1, s1) = time.perf_counter(), usage()
         times.append(t1 - t0)
-        faults.append(u1.ru_minflt - u0.ru_minflt)
-        user.append(u1.ru_utime - u0.ru_utime)
-        system.append(u1.ru_stime - u0.ru_stime)
+        faults.append(f1 - f0)
+        user.append(u1 - u0)
+        system.append(s1 - s0)
     med = statistics.median
     return {"calls": len(times), "ms": med(times) * 1e3, "faults": med(faults), "user_ms": med(user) * 1e3,
             "sys_ms": med(system) * 1e3}
