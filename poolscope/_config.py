@@ -22,6 +22,12 @@ CAPTURE_MODES = ("all", "factories")
 ON_LIMIT = ("raise", "fallback")
 ENGINES = ("native", "passthrough")
 
+# The largest byte size or count any setting takes: what the engine's int64 fields hold.
+LARGEST_INT = 2**63 - 1
+# Seconds at or past this mean "never": microseconds past 2**62 would overflow the engine's clock
+# arithmetic, and 146,000 years is never for any process.
+LONGEST_SECONDS = 2**62 / 1e6
+
 ByteSize = Union[int, str]
 DeviceLike = Union[str, torch.device, int]
 T = TypeVar("T")
@@ -55,7 +61,7 @@ def parse_bytes(value: object, what: str) -> int:
     if isinstance(value, int):
         if value < 0:
             raise PoolscopeValueError(f"{what} must be >= 0 bytes; got {value}")
-        return value
+        return _at_most_largest(value, what, " bytes")
     match = _SIZE_RE.match(value)
     if match is None:
         raise PoolscopeValueError(f"{what} must be {_SIZE_HELP}; got {value!r}")
@@ -68,9 +74,15 @@ def parse_bytes(value: object, what: str) -> int:
             hint = f" (write {match.group(1)}{decimal} for powers of 1000 or {match.group(1)}{binary} for powers of 1024)"
         raise PoolscopeValueError(f"{what} must be {_SIZE_HELP}; got {value!r}{hint}")
     number = float(match.group(1)) * _UNITS[unit]
-    if not math.isfinite(number):
-        raise PoolscopeValueError(f"{what} is too large: {value!r}")
+    if not number < LARGEST_INT:
+        raise PoolscopeValueError(f"{what} must be at most {LARGEST_INT} bytes (2**63 - 1, 8 EiB); got {value!r}")
     return math.ceil(number)
+
+
+def _at_most_largest(value: int, what: str, unit: str = "") -> int:
+    if value > LARGEST_INT:
+        raise PoolscopeValueError(f"{what} must be at most {LARGEST_INT}{unit} (2**63 - 1); got {value}")
+    return value
 
 
 def parse_threshold(value: object) -> int:
@@ -83,14 +95,22 @@ def parse_limit(value: object, what: str) -> Optional[int]:
 
 
 def parse_seconds(value: object, what: str) -> Optional[float]:
-    """A duration in seconds > 0, or None for "never" (0 means never too)."""
+    """A duration in seconds > 0, or None for "never".
+
+    0, None, ``math.inf`` and anything at or past :data:`LONGEST_SECONDS` (146,000 years) mean
+    never; NaN and negative numbers are errors.
+    """
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _type_error(what, "a finite number of seconds >= 0, or None (0 and None turn it off)", value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _type_error(what, "a number of seconds >= 0, or None (0, None and math.inf mean never)", value)
+    if value != value:  # NaN: not ordered, so it would pass every comparison below as False
+        raise PoolscopeValueError(f"{what} must be a number of seconds >= 0 (0, None and math.inf mean never); got nan")
     if value < 0:
-        raise PoolscopeValueError(f"{what} must be >= 0 seconds (0 or None turn it off); got {value}")
-    return None if value == 0 else float(value)
+        raise PoolscopeValueError(f"{what} must be >= 0 seconds (0, None and math.inf mean never); got {value}")
+    if value == 0 or value >= LONGEST_SECONDS:  # compared as numbers: an int past float's range is never too
+        return None
+    return float(value)
 
 
 def _parse_seconds_env(raw: str) -> Optional[float]:
@@ -108,7 +128,7 @@ def parse_count(value: object, what: str) -> int:
         raise _type_error(what, "an int >= 0", value)
     if value < 0:
         raise PoolscopeValueError(f"{what} must be an int >= 0; got {value}")
-    return value
+    return _at_most_largest(value, what)
 
 
 def parse_device(value: object, what: str = "device") -> torch.device:
@@ -129,7 +149,10 @@ def parse_device(value: object, what: str = "device") -> torch.device:
     module = getattr(torch, device.type, None)
     is_available = getattr(module, "is_available", None)
     if is_available is None or not is_available():
-        raise PoolscopeValueError(f"{what} {value!r} is not available on this machine; use 'cpu'")
+        # Portable code names the device it runs on elsewhere (a forward decorated for CUDA,
+        # imported on a CPU-only test machine): such a scope routes nothing and changes nothing,
+        # as on any device without a route. Tensors on that device would fail by themselves.
+        return device if device.index is not None else torch.device(device.type, 0)
     if device.index is None:
         device = torch.device(device.type, module.current_device())
     return device

@@ -49,10 +49,12 @@ class TensorPool:
             outermost-scope exits is released (default 100, or POOLSCOPE_RELEASE_AFTER);
             0 releases every cached block at each outermost exit.
         release_idle_s: seconds after which cached memory nothing used is released by
-            itself (default 10, or POOLSCOPE_RELEASE_IDLE_S); None or 0 turns it off.
+            itself (default 10, or POOLSCOPE_RELEASE_IDLE_S); None, 0, ``math.inf`` and
+            anything from 2**62 microseconds on turn it off.
 
     Raises:
-        PoolscopeTypeError, PoolscopeValueError: for a bad device, cap or count.
+        PoolscopeTypeError, PoolscopeValueError: for a bad device, a NaN or negative
+            duration, or a byte size or count that is negative or past 2**63 - 1.
 
     Limits:
         CPU pools are the native engine's; CUDA pools are ``torch.cuda.MemPool``s

@@ -5,8 +5,9 @@ entering pushes it on that thread's stack of open scopes (kept in C++ by the
 native engine, where the allocator reads it) and the innermost one decides
 how an allocation is routed. Exits may come out of order (a generator's scope
 closed inside its caller's): the scope leaves the stack and the others stay
-open. An exit from another thread raises :class:`PoolscopeError` and changes
-nothing.
+open. An exit from another thread (a generator finalized there) closes the
+scope: its figures are final, and its own thread stops routing to it before
+its next pooled allocation.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import functools
 import gc
 import logging
 import re
-import threading
 from typing import Any, Callable, Optional
 
 import torch
@@ -71,7 +71,6 @@ class PoolScope(contextlib.ContextDecorator):
     def __init__(self, options: ScopeOptions) -> None:
         self._options = options
         self._slot = ScopeSlot()
-        self._owner: Optional[int] = None
         self._active = False
         self._final: Optional[ScopeStats] = None
         self._range: Any = None
@@ -158,7 +157,7 @@ class PoolScope(contextlib.ContextDecorator):
         if profiler_enabled():
             self._range = torch.autograd.profiler.record_function(f"poolscope:{s.name or 'pool_scope'}")
             self._range.__enter__()
-        self._slot.backend, self._final, self._owner = backend, None, threading.get_ident()
+        self._slot.backend, self._final = backend, None
         self._active = True
         return backend
 
@@ -166,12 +165,6 @@ class PoolScope(contextlib.ContextDecorator):
         """Everything of exiting but the pop: runs after it, in Python."""
         if outcome == "not_active":
             raise PoolscopeError(f"{self!r} is not active: it was never entered or has already exited")
-        if outcome == "wrong_thread":
-            raise PoolscopeError(
-                f"{self!r} was entered in thread {self._owner} and is being exited from thread "
-                f"{threading.get_ident()}; a scope belongs to the thread that entered it (as torch.no_grad "
-                "does): exit it there"
-            )
         self._active = False
         rng, self._range = self._range, None
         if rng is not None:
@@ -234,8 +227,9 @@ def pool_scope(
         def step(x): ...
 
     Args:
-        device: the device to route ("cpu", the default); a device without a
-            native route gets a scope that passes everything through.
+        device: the device to route ("cpu", the default). A device without a
+            route ("mps"), or one this machine lacks ("cuda" without CUDA), gets a
+            scope that passes everything through.
         threshold: smallest allocation pooled, in bytes or as "1MiB", "512KB"
             (KB=1000, KiB=1024); default 1 MiB. Exactly-threshold requests are pooled.
         capture: "all" (the default). "factories" is deprecated and means the same.
@@ -262,9 +256,10 @@ def pool_scope(
 
     Limits:
         The scope belongs to the thread that entered it: other threads' allocations
-        (intra-op worker threads included) are left alone, and an ``asyncio`` task
-        suspended inside a scope leaves it routing whatever else runs on that thread,
-        as ``torch.no_grad`` would. Pinned memory is never pooled.
+        (intra-op worker threads included) are left alone, and a generator paused
+        (or an ``asyncio`` task suspended) inside a scope leaves it routing whatever
+        else runs on that thread, its caller included, as ``torch.no_grad`` would.
+        An exit from another thread closes the scope. Pinned memory is never pooled.
     """
     return PoolScope(scope_options(
         device=device, threshold=threshold, capture=capture, pool=pool, max_bytes=max_bytes, on_limit=on_limit,

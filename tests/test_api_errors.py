@@ -38,12 +38,12 @@ def test_pool_scope_rejects_bad_arguments(kwargs, error, match):
         poolscope.pooled_forward(**kwargs)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_unavailable_device_is_named():
-    with pytest.raises(ValueError, match=r"device 'cuda' is not available on this machine; use 'cpu'"):
-        poolscope.pool_scope("cuda")
-    with pytest.raises(ValueError, match=r"'cuda:0' is not available"):
-        poolscope.get_pool("cuda:0")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_device_this_machine_lacks_is_not_an_error():
+    # Portable code names the device it runs on elsewhere; such a scope passes through
+    # (tests/test_boundary.py checks what it routes). Misspelt devices are errors (above).
+    assert poolscope.pool_scope("cuda").device == torch.device("cuda", 0)
+    assert poolscope.get_pool("cuda:0").engine == "passthrough"
 
 
 def test_capture_factories_is_deprecated_and_means_all():

@@ -96,24 +96,18 @@ def test_out_of_order_exits_leave_the_others_open():
     del x, y
 
 
-def test_exit_from_another_thread_is_refused_and_changes_nothing():
+def test_exit_from_another_thread_closes_the_scope_for_its_own_thread():
+    # A generator's scope finalized in another thread ends there (tests/test_boundary.py).
     scope = poolscope.pool_scope()
     scope.__enter__()
-    errors = []
-
-    def exit_elsewhere():
-        try:
-            scope.__exit__(None, None, None)
-        except poolscope.PoolscopeError as exc:
-            errors.append(str(exc))
-
-    t = threading.Thread(target=exit_elsewhere)
+    t = threading.Thread(target=scope.__exit__, args=(None, None, None))
     t.start()
     t.join()
-    assert errors and "belongs to the thread that entered it" in errors[0]
     x = torch.zeros(MiB)
-    assert scope.stats.allocations_routed == 1  # still routing its own thread
-    scope.__exit__(None, None, None)
+    assert scope.stats.allocations_routed == 0 and not scope.active  # its own thread: no longer routed
+    assert open_scopes() == 0
+    with pytest.raises(poolscope.PoolscopeError, match="is not active"):
+        scope.__exit__(None, None, None)
     del x
 
 

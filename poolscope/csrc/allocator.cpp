@@ -66,6 +66,9 @@ void free_ptr(void* ptr);
 struct PoolscopeAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t nbytes) override {
     Scope* top = t_innermost;
+    if (C10_UNLIKELY(top != nullptr && top->closed_elsewhere.load(std::memory_order_relaxed))) {
+      top = drop_closed_elsewhere();
+    }
     if (C10_LIKELY(top == nullptr) || nbytes < top->threshold || nbytes == 0) {
       return replaced_allocator()->allocate(nbytes);
     }
@@ -130,6 +133,21 @@ Scope* over_limit(Scope* top, size_t size) {
     }
   }
   return nullptr;
+}
+
+// The most bytes one more block may have without passing the max_bytes of an open scope of the
+// chain (SIZE_MAX: no scope limits it). A free block larger than the request is lent whole when
+// its tail is too small to keep; under a limit it is split to the request instead, so that a
+// scope is never charged past its max_bytes by a rounding.
+size_t room_locked(Scope* top) {
+  size_t room = SIZE_MAX;
+  for (Scope* s = top; s != nullptr; s = s->parent.get()) {
+    if (!s->closed && s->max_bytes != kNone) {
+      const auto limit = static_cast<size_t>(s->max_bytes);
+      room = std::min(room, limit - std::min(static_cast<size_t>(s->bytes_in_use), limit));
+    }
+  }
+  return room;
 }
 
 std::string limit_message(const Scope* limiting, size_t size, size_t nbytes) {
@@ -231,7 +249,7 @@ size_t physical_memory() {
 // one (out of memory, or the pool's max_bytes) even after the pool gave back its cache. The
 // pool's max_bytes bounds the bytes of its segments (lent, cached, or mapped and not yet
 // touched): every one of them can be lent without another check.
-Block* grow_locked(std::unique_lock<std::mutex>& lock, Pool* pool, size_t size) {
+Block* grow_locked(std::unique_lock<std::mutex>& lock, Pool* pool, size_t size, size_t room) {
   // Giving back cached memory helps only a request that could fit in this machine's memory (and
   // in max_bytes) at all; for an impossible one it would only throw the working set away.
   const bool could_fit =
@@ -271,7 +289,7 @@ Block* grow_locked(std::unique_lock<std::mutex>& lock, Pool* pool, size_t size) 
       pool->growing -= wanted;
       if (memory) {
         Block* block = pool->add_segment(std::move(memory), wanted);
-        pool->lend_from(block, size);
+        pool->lend_from(block, size, room);
         return block;
       }
     }
@@ -329,21 +347,30 @@ c10::DataPtr lend(Scope* top, size_t nbytes) {
     for (const Block* block : live_blocks_locked(limiting)) {
       alive.push_back(BlockInfo{block->size, block->bytes_requested, block->context});
     }
-    // The requesting scope exits first and turns the error into ScopeLimitError.
-    top->refusal_serial = serial;
-    top->refusal_message = message;
-    top->refusal_blocks = std::move(alive);
+    // Whichever scope the error leaves first turns it into ScopeLimitError: the innermost one
+    // when the scopes nest as the frames do, the limiting one when a paused generator's scope
+    // is above it on the stack (its with-block never sees the error). So every scope from the
+    // requesting one down to the limiting one records it.
+    for (Scope* s = top;; s = s->parent.get()) {
+      s->refusal_serial = serial;
+      s->refusal_message = message;
+      s->refusal_blocks = alive;
+      if (s == limiting) {
+        break;
+      }
+    }
     message += " [poolscope refusal #" + std::to_string(serial) + "]";
     lock.unlock();
     TORCH_CHECK_WITH(OutOfMemoryError, false, message);
   }
   if (poolable) {
     Charged charged = charged_scopes(top);
+    const size_t room = room_locked(top);
     bool hit = true;
-    Block* block = pool->take(size);
+    Block* block = pool->take(size, room);
     if (block == nullptr) {
       hit = false;
-      block = grow_locked(lock, pool, size);
+      block = grow_locked(lock, pool, size, room);
       charged = charged_scopes(top);  // a scope may have closed while the lock was dropped
     }
     if (block != nullptr) {

@@ -16,7 +16,8 @@ using namespace poolscope;
 
 namespace {
 
-// None is kNone, poolscope's "no limit"; seconds become microseconds (at least 1).
+// None is kNone, poolscope's "no limit"; seconds become microseconds (at least 1). _config
+// bounds every value (ints to int64; seconds below LONGEST_SECONDS, longer ones are None).
 int64_t limit_of(const py::handle& options, const char* name) {
   py::object value = options.attr(name);
   return value.is_none() ? kNone : value.cast<int64_t>();
@@ -24,7 +25,15 @@ int64_t limit_of(const py::handle& options, const char* name) {
 
 int64_t micros_of(const py::handle& options, const char* name) {
   py::object value = options.attr(name);
-  return value.is_none() ? kNone : std::max<int64_t>(1, std::llround(value.cast<double>() * 1e6));
+  if (value.is_none()) {
+    return kNone;
+  }
+  const double micros = value.cast<double>() * 1e6;
+  // NaN, or 2**62 us (_config.LONGEST_SECONDS) and more: never. _config sends neither.
+  if (!(micros < 4611686018427387904.0)) {
+    return kNone;
+  }
+  return std::max<int64_t>(1, std::llround(micros));
 }
 
 py::object optional_int(int64_t value) {
@@ -262,7 +271,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::gil_scoped_release release;
         result = exit(scope);
       }
-      outcome = result == ExitResult::ok ? "ok" : result == ExitResult::wrong_thread ? "wrong_thread" : "not_active";
+      outcome = result == ExitResult::ok ? "ok" : "not_active";
     }
     return after(outcome, *exc);
   });
@@ -330,14 +339,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(
           "exit",
           [](const std::shared_ptr<Scope>& scope) {
-            switch (exit(scope)) {
-              case ExitResult::ok:
-                return std::string("ok");
-              case ExitResult::wrong_thread:
-                return std::string("wrong_thread");
-              default:
-                return std::string("not_active");
-            }
+            return std::string(exit(scope) == ExitResult::ok ? "ok" : "not_active");
           },
           py::call_guard<py::gil_scoped_release>())
       .def("stats", &scope_stats)

@@ -82,7 +82,7 @@ Pool::~Pool() {
   out.run();
 }
 
-Block* Pool::take(size_t size) {
+Block* Pool::take(size_t size, size_t room) {
   Block key;
   key.size = size;
   auto it = free_blocks.lower_bound(&key);
@@ -92,14 +92,15 @@ Block* Pool::take(size_t size) {
   Block* block = *it;
   free_blocks.erase(it);
   bytes_cached -= block->committed;
-  lend_from(block, size);
+  lend_from(block, size, room);
   return block;
 }
 
-void Pool::lend_from(Block* block, size_t size) {
+void Pool::lend_from(Block* block, size_t size, size_t room) {
   size_t rest = block->size - size;
-  // Keep a lent block within 1.25x of its request, and never split off crumbs.
-  if (rest >= kGranule && rest >= std::min(size / 4, kMinSplit)) {
+  // Keep a lent block within 1.25x of its request, and never split off crumbs, unless lending
+  // it whole would pass a scope's max_bytes (sizes are granules, so a rest is one at least).
+  if (rest >= kGranule && (rest >= std::min(size / 4, kMinSplit) || block->size > room)) {
     auto* remainder = new Block;
     remainder->pool = this;
     remainder->segment = block->segment;
@@ -315,7 +316,7 @@ int64_t Pool::release_expired(int64_t now, Deferred& out) {
     if (block->committed == 0 && !whole) {
       continue;  // holds nothing resident
     }
-    int64_t due = block->freed_us + release_idle_us;
+    const int64_t due = deadline_after(block->freed_us, release_idle_us);
     if (due <= now) {
       idle.push_back(block);
     } else {

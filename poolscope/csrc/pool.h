@@ -162,9 +162,10 @@ struct Pool : std::enable_shared_from_this<Pool> {
   bool tracing = false;
   std::deque<TraceEvent> trace;
 
-  // Best fit among free blocks, split when the rest is worth keeping; nullptr if none fits.
-  Block* take(size_t size);
-  void lend_from(Block* block, size_t size);
+  // Best fit among free blocks, split when the rest is worth keeping or the block is larger
+  // than `room` (the bytes a scope's max_bytes leaves); nullptr if none fits.
+  Block* take(size_t size, size_t room = SIZE_MAX);
+  void lend_from(Block* block, size_t size, size_t room = SIZE_MAX);
   // A new segment's single block, not yet in the free set.
   Block* add_segment(c10::DataPtr memory, size_t size);
   void free_block(Block* block, Deferred& out);
@@ -192,6 +193,13 @@ struct Pool : std::enable_shared_from_this<Pool> {
   // Debug builds (-DPOOLSCOPE_CHECK_INVARIANTS): abort on a broken invariant (pool.h's note).
   void check_invariants() const;
 };
+
+// Deadlines saturate: a time past what int64 microseconds hold means "never" (INT64_MAX), so
+// that no setting, however large, wraps into a deadline in the past.
+inline int64_t deadline_after(int64_t start_us, int64_t delay_us) {
+  int64_t due;
+  return __builtin_add_overflow(start_us, delay_us, &due) ? INT64_MAX : due;
+}
 
 int64_t now_us();   // wall clock (trace events)
 int64_t mono_us();  // steady clock (idle times)

@@ -49,7 +49,10 @@ void loop() {
       continue;
     }
     auto woken = [&] { return g_wakeups != seen; };
-    if (g_deadline == INT64_MAX) {
+    // The clock counts nanoseconds in an int64: a deadline past what that holds (about 292
+    // years of uptime) is never, and converting it would wrap into the past (a busy loop).
+    constexpr int64_t kLatestWait = INT64_MAX / 1000 - 1;
+    if (g_deadline >= kLatestWait) {
       g_cv->wait(lock, woken);
     } else {
       auto until = std::chrono::steady_clock::time_point(std::chrono::microseconds(g_deadline));
@@ -61,7 +64,7 @@ void loop() {
 }  // namespace
 
 void note_cached_locked(Pool* pool, int64_t freed_us, Deferred& out) {
-  const int64_t due = freed_us + pool->release_idle_us;
+  const int64_t due = deadline_after(freed_us, pool->release_idle_us);
   if (!g_started) {
     g_started = true;
     out.start_releaser = true;

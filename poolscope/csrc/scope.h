@@ -32,27 +32,35 @@ struct Scope : std::enable_shared_from_this<Scope> {
   bool counts_exits = true;  // its exit as the thread's outermost scope counts toward retention
   std::string name;
   bool named = false;  // name given (the report's row), else None
-  std::thread::id owner;
+  std::atomic<std::thread::id> owner{};
+  // Exited from another thread (a generator's scope finalized there): its owner thread drops
+  // it from its stack at its next allocation, entry or exit, before routing anything else.
+  std::atomic<bool> closed_elsewhere{false};
   // Under g_mu.
-  bool closed = false;  // exited: no longer charged for new blocks
+  bool closed = true;  // not entered, or exited: no longer charged for new blocks
   int64_t bytes_in_use = 0, blocks_in_use = 0, peak_bytes_in_use = 0;
   int64_t allocations_routed = 0, bytes_routed = 0, hits = 0, misses = 0, fallbacks = 0;
   int64_t alloc_ns = 0;
-  // Its last allocation refused past a max_bytes: the serial that ends the error's message
+  // The last refusal past a max_bytes that it requested or that its chain passed through down
+  // to the limiting scope (whichever with-block the error leaves first converts it): the serial that ends the error's message
   // (poolscope tells its refusals from other out-of-memory errors by it), why, what was alive.
   int64_t refusal_serial = 0;
   std::string refusal_message;
   std::vector<BlockInfo> refusal_blocks;
 };
 
-enum class ExitResult { ok, wrong_thread, not_active };
+enum class ExitResult { ok, not_active };
 
 // The thread's scope stack (scope_stack.cpp).
 void enter(const std::shared_ptr<Scope>& scope);
-// Out-of-order exits are fine; exits from another thread are refused. The outermost exit of a
-// scope that counts_exits advances every pool's exit count (Pool::tick).
+// Out-of-order exits are fine. An exit from another thread closes the scope there (figures
+// final, charged no more) and marks it closed_elsewhere; the owner thread drops it from its
+// stack (drop_closed_elsewhere). The outermost exit of a scope that counts_exits advances every
+// pool's exit count (Pool::tick).
 ExitResult exit(const std::shared_ptr<Scope>& scope);
 extern thread_local Scope* t_innermost;  // the calling thread's innermost open scope, or nullptr
+// Drop the calling thread's scopes that another thread closed; returns the new t_innermost.
+Scope* drop_closed_elsewhere();
 size_t thread_depth();  // open scopes on the calling thread (test hooks)
 
 // The allocator (allocator.cpp).

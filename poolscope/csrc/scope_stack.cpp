@@ -21,14 +21,49 @@ struct ThreadStack {
 };
 thread_local ThreadStack t_stack;
 
-}  // namespace
-
-void enter(const std::shared_ptr<Scope>& scope) {
-  scope->parent = t_stack.scopes.empty() ? nullptr : t_stack.scopes.back();
-  scope->profiling = scope->own_profiling || (scope->parent && scope->parent->profiling);
-  scope->owner = std::this_thread::get_id();
+// The calling thread's stack lost its last scope: an outermost exit when one of them counts.
+void outermost_exit(bool counts) {
+  if (!t_stack.scopes.empty() || !counts) {
+    return;
+  }
+  Deferred out;
   {
     std::lock_guard<std::mutex> lock(g_mu);
+    tick_all_locked(out);
+  }
+  out.run();
+}
+
+}  // namespace
+
+Scope* drop_closed_elsewhere() {
+  auto& scopes = t_stack.scopes;
+  auto gone = std::stable_partition(scopes.begin(), scopes.end(), [](const std::shared_ptr<Scope>& s) {
+    return !s->closed_elsewhere.load(std::memory_order_acquire);
+  });
+  if (gone == scopes.end()) {
+    return t_innermost;
+  }
+  bool counts = false;
+  // Moved out first: a scope's last reference may be here, and it dies after the stack is sound.
+  std::vector<std::shared_ptr<Scope>> dropped(std::make_move_iterator(gone), std::make_move_iterator(scopes.end()));
+  scopes.erase(gone, scopes.end());
+  for (const auto& s : dropped) {
+    counts = counts || s->counts_exits;
+  }
+  t_innermost = scopes.empty() ? nullptr : scopes.back().get();
+  outermost_exit(counts);
+  return t_innermost;
+}
+
+void enter(const std::shared_ptr<Scope>& scope) {
+  drop_closed_elsewhere();
+  scope->parent = t_stack.scopes.empty() ? nullptr : t_stack.scopes.back();
+  scope->profiling = scope->own_profiling || (scope->parent && scope->parent->profiling);
+  scope->closed_elsewhere.store(false, std::memory_order_relaxed);
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    scope->owner.store(std::this_thread::get_id(), std::memory_order_relaxed);
     scope->closed = false;
   }
   t_stack.scopes.push_back(scope);
@@ -36,9 +71,19 @@ void enter(const std::shared_ptr<Scope>& scope) {
 }
 
 ExitResult exit(const std::shared_ptr<Scope>& scope) {
-  if (scope->owner != std::this_thread::get_id()) {
-    return ExitResult::wrong_thread;
+  if (scope->owner.load(std::memory_order_relaxed) != std::this_thread::get_id()) {
+    // Another thread: a generator entered in one thread and finalized in another ends its scope
+    // there. Its owner thread cannot be reached from here, so the scope closes at once (figures
+    // final, charged no more) and the owner drops it before it routes anything else.
+    std::lock_guard<std::mutex> lock(g_mu);
+    if (scope->closed) {
+      return ExitResult::not_active;
+    }
+    scope->closed = true;
+    scope->closed_elsewhere.store(true, std::memory_order_release);
+    return ExitResult::ok;
   }
+  drop_closed_elsewhere();
   auto it = std::find(t_stack.scopes.begin(), t_stack.scopes.end(), scope);
   if (it == t_stack.scopes.end()) {
     return ExitResult::not_active;
@@ -46,19 +91,16 @@ ExitResult exit(const std::shared_ptr<Scope>& scope) {
   // Out of order (a generator's scope closed inside its caller's): the others stay open.
   t_stack.scopes.erase(it);
   t_innermost = t_stack.scopes.empty() ? nullptr : t_stack.scopes.back().get();
-  Deferred out;
   {
     std::lock_guard<std::mutex> lock(g_mu);
     scope->closed = true;
-    if (t_stack.scopes.empty() && scope->counts_exits) {
-      tick_all_locked(out);
-    }
   }
-  out.run();
+  outermost_exit(scope->counts_exits);
   return ExitResult::ok;
 }
 
 size_t thread_depth() {
+  drop_closed_elsewhere();
   return t_stack.scopes.size();
 }
 

@@ -99,7 +99,7 @@ class ScopeBackend(Protocol):
 
     def enter(self) -> None: ...
 
-    def exit(self) -> str: ...  # "ok", "wrong_thread" or "not_active"
+    def exit(self) -> str: ...  # "ok" (from any thread: another thread's exit closes it) or "not_active"
 
     def stats(self) -> ScopeStats: ...  # ``escaped`` counts the blocks alive now
 

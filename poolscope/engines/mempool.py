@@ -58,6 +58,7 @@ class CudaPool:
         self.configure(limits)
 
     def mempool(self) -> Any:
+        """The MemPool, made on first use. Call with the engine's lock held (see ``release``)."""
         if self._mempool is None:
             self._mempool = self._engine.api.new_pool()
         return self._mempool
@@ -70,9 +71,7 @@ class CudaPool:
             self._engine.schedule()
 
     def blocks(self) -> list[dict[str, Any]]:
-        if self._mempool is None:
-            return []
-        return [b for s in self._engine.api.segments(self._mempool) for b in s["blocks"]]
+        return [b for s in self.segments() for b in s["blocks"]]
 
     def stats(self) -> PoolStats:
         # Hits, misses, peaks and releases by count are not visible per pool on CUDA: they stay 0.
@@ -99,18 +98,23 @@ class CudaPool:
         """Hand the pool's memory back to PyTorch's allocator once nothing in it is in use.
 
         Dropping the MemPool makes its segments freeable; ``torch.cuda.empty_cache`` frees them
-        (and, as it always does, the device's other unused cached blocks).
+        (and, as it always does, the device's other unused cached blocks). The test of open
+        scopes and the drop happen under the engine's lock, the one a scope's entry counts
+        itself under before it routes: a scope entering meanwhile either counts first (nothing
+        is released) or makes a new MemPool after the drop.
         """
-        if self._mempool is None or self.open_scopes or any(b["state"] == ACTIVE for b in self.blocks()):
-            return
-        held = sum(s["total_size"] for s in self.segments())
-        self._mempool = None
+        with self._engine.lock:
+            if self._mempool is None or self.open_scopes or any(b["state"] == ACTIVE for b in self.blocks()):
+                return
+            held = sum(s["total_size"] for s in self.segments())
+            self._mempool = None
         self._engine.api.empty_cache()
         if reason is not None:
             self.released[reason] += held
 
     def segments(self) -> list[dict[str, Any]]:
-        return [] if self._mempool is None else self._engine.api.segments(self._mempool)
+        mempool = self._mempool  # read once: the releaser may drop it meanwhile
+        return [] if mempool is None else self._engine.api.segments(mempool)
 
     def trace(self) -> list[dict[str, Any]]:
         return []
@@ -125,46 +129,62 @@ class CudaScope:
         self._name = options.name
         self._profiling = options.profiling
         self._owner: Optional[int] = None
+        self._routed: Any = None  # the MemPool this scope's entry began routing to
+        self._closed_elsewhere = False
         self._before: set[int] = set()
         self._final: Optional[list[dict[str, Any]]] = None
 
     def enter(self) -> None:
         if self._profiling:
             self._engine.api.record_history()
-        stack = self._engine.stack(self.pool.device_index)
+        stack = self._engine.drop_closed_elsewhere(self.pool.device_index)
+        with self._engine.lock:
+            # Counted before it routes, and its MemPool taken under the same lock: the releaser
+            # cannot drop the MemPool between the two (CudaPool.release).
+            self.pool.open_scopes += 1
+            self._routed = self.pool.mempool()
         self._before = {b["address"] for b in self.pool.blocks() if b["state"] == ACTIVE}
         self._final = None
+        self._closed_elsewhere = False
         top = stack[-1] if stack else None
         if top is None or top.pool is not self.pool:
             if top is not None:
-                self._engine.api.end(self.pool.device_index, top.pool.mempool())
-            self._engine.api.begin(self.pool.device_index, self.pool.mempool())
+                self._engine.api.end(self.pool.device_index, top._routed)
+            self._engine.api.begin(self.pool.device_index, self._routed)
         stack.append(self)
         self._owner = threading.get_ident()
-        with self._engine.lock:
-            self.pool.open_scopes += 1
 
     def exit(self) -> str:
         if self._owner is None:
             return "not_active"
         if self._owner != threading.get_ident():
-            return "wrong_thread"
-        stack = self._engine.stack(self.pool.device_index)
+            # A generator's scope finalized in another thread: the scope closes here; its owner
+            # thread stops routing to it at its next scope entry or exit (PyTorch routes per
+            # thread, and only the owner's own calls can change that thread's routing).
+            self._owner = None
+            self._closed_elsewhere = True
+            self._final = self.live_blocks()
+            return "ok"
+        stack = self._engine.drop_closed_elsewhere(self.pool.device_index)
         was_top = stack[-1] is self
         stack.remove(self)
         self._owner = None
-        with self._engine.lock:
-            self.pool.open_scopes -= 1
-        new_top = stack[-1] if stack else None
-        if was_top and (new_top is None or new_top.pool is not self.pool):
-            # Only the innermost scope's pool is routed: PyTorch would send everything to the first.
-            self._engine.api.end(self.pool.device_index, self.pool.mempool())
-            if new_top is not None:
-                self._engine.api.begin(self.pool.device_index, new_top.pool.mempool())
+        self._unroute(stack, was_top)
         self._final = self.live_blocks()
         if not stack:
             self._engine.outermost_exit(self.pool)
         return "ok"
+
+    def _unroute(self, stack: list[CudaScope], was_top: bool) -> None:
+        """Off the stack: route to the new innermost scope's pool, and count this one closed."""
+        new_top = stack[-1] if stack else None
+        if was_top and (new_top is None or new_top.pool is not self.pool):
+            # Only the innermost scope's pool is routed: PyTorch would send everything to the first.
+            self._engine.api.end(self.pool.device_index, self._routed)
+            if new_top is not None:
+                self._engine.api.begin(self.pool.device_index, new_top._routed)
+        with self._engine.lock:
+            self.pool.open_scopes -= 1
 
     def live_blocks(self) -> list[dict[str, Any]]:
         """Blocks that became active while this scope was open and are still active."""
@@ -201,6 +221,19 @@ class CudaEngine(PythonPushPop):
 
     def stack(self, device_index: int) -> list[CudaScope]:
         return self._stacks.by_device.setdefault(device_index, [])
+
+    def drop_closed_elsewhere(self, device_index: int) -> list[CudaScope]:
+        """The calling thread's stack, without the scopes another thread closed (routing fixed)."""
+        stack = self.stack(device_index)
+        while any(s._closed_elsewhere for s in stack):
+            scope = next(s for s in stack if s._closed_elsewhere)
+            was_top = stack[-1] is scope
+            stack.remove(scope)
+            scope._closed_elsewhere = False
+            scope._unroute(stack, was_top)
+            if not stack:
+                self.outermost_exit(scope.pool)
+        return stack
 
     def outermost_exit(self, used: CudaPool) -> None:
         """Count an outermost exit; a pool unused for ``release_after`` of them is handed back."""
