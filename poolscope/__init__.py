@@ -11,6 +11,7 @@ Importing poolscope creates no pool, builds nothing, installs no allocator and
 initialises no device: the first scope does.
 """
 
+from ._compare import Comparison, compare
 from ._decorator import pooled_forward, unpool
 from ._errors import (
     EscapeError,
@@ -31,6 +32,7 @@ from .engines import engine
 __version__ = "0.2.1"
 
 __all__ = [
+    "Comparison",
     "EscapeError",
     "GlobalMemoryPool",
     "PoolScope",
@@ -43,6 +45,7 @@ __all__ = [
     "ScopeStats",
     "TensorPool",
     "__version__",
+    "compare",
     "dump_snapshot",
     "engine",
     "get_global_memory_pool",

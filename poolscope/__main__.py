@@ -1,17 +1,23 @@
 """``python -m poolscope``: run a long-sequence attention workload plain and pooled, and report.
 
 ``python -m poolscope build`` builds the native engine for this torch ahead of time.
+``python -m poolscope compare MODULE:CALLABLE`` says whether a scope helps your own call.
 
 Example::
 
     python -m poolscope --seq-len 32768 --snapshot pool.pickle
+    python -m poolscope compare my_model.py:forward --calls 10
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import os
 import sys
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 from ._config import BUILTIN_THRESHOLD, parse_device, parse_threshold
 from ._demo import BRANCHES, run_demo
@@ -23,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m poolscope",
         description="Run LongNet-style dilated attention plain and inside a pool scope; print the speedup and "
-        "the per-scope report. `python -m poolscope build` builds the native engine and exits.",
+        "the per-scope report. `python -m poolscope build` builds the native engine and exits; "
+        "`python -m poolscope compare MODULE:CALLABLE` measures your own call (see its --help).",
     )
     parser.add_argument("--seq-len", type=int, default=16384, help="tokens, a multiple of 1024 (default: 16384)")
     parser.add_argument("--device", default="cpu", help="device to run on (default: cpu)")
@@ -48,10 +55,74 @@ def _build() -> int:
     return 0
 
 
+def _compare_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m poolscope compare",
+        description="Call CALLABLE (no arguments) plain and inside a pool scope, alternating, and say whether the "
+        "scope helps: median times, page faults, peak RSS, identical outputs, and a verdict with its reason.",
+    )
+    parser.add_argument(
+        "target", metavar="MODULE:CALLABLE",
+        help="what to call, with no arguments: an importable module (pkg.mod:run) or a file (path/to/script.py:run); "
+        "build the model and its inputs at module level or inside the callable's closure",
+    )
+    parser.add_argument("--calls", type=int, default=10, help="timed rounds, one call each way (default: 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls each way first (default: 2)")
+    parser.add_argument("--context", default="inference_mode", help="inference_mode (default), no_grad or grad")
+    parser.add_argument("--threshold", default=None, help="the scope's threshold, e.g. 256KiB (default: 1MiB)")
+    parser.add_argument("--budget-s", type=float, default=120.0, help="stop timing after this many seconds (default: 120)")
+    return parser
+
+
+def _load_target(target: str) -> Any:
+    module_name, sep, attr = target.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"expected MODULE:CALLABLE such as my_model.py:run or pkg.models:run; got {target!r}")
+    if module_name.endswith(".py"):
+        path = Path(module_name).resolve()
+        if not path.is_file():
+            raise ValueError(f"no such file: {module_name!r}")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(path.parent))  # the file's own imports of its neighbours
+        spec.loader.exec_module(module)
+    else:
+        sys.path.insert(0, os.getcwd())
+        module = importlib.import_module(module_name)
+    obj = module
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{target!r} is {type(obj).__name__}, not something to call")
+    return obj
+
+
+def _compare(argv: list[str]) -> int:
+    from ._compare import compare
+
+    parser = _compare_parser()
+    args = parser.parse_args(argv)
+    try:
+        fn = _load_target(args.target)
+    except (ImportError, AttributeError, ValueError) as exc:
+        parser.error(f"cannot load {args.target!r}: {exc}")
+    scope_kwargs = {} if args.threshold is None else {"threshold": args.threshold}
+    try:
+        result = compare(fn, calls=args.calls, warmup=args.warmup, context=args.context, scope_kwargs=scope_kwargs,
+                         budget_s=args.budget_s)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    print(result)
+    return 0 if result.identical else 1
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["build"]:
         return _build()
+    if argv[:1] == ["compare"]:
+        return _compare(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     longest = BRANCHES[-1][0]

@@ -13,6 +13,7 @@ from ._stats import ScopeStats, hit_rate
 __all__ = ["record", "report", "reset_report", "report_rows"]
 
 IDLE_CALLS_WARNING = 100  # a named scope that routed nothing in this many calls is suspicious
+UNNAMED = "(unnamed)"  # the row of every scope without a name
 
 
 @dataclass
@@ -41,13 +42,12 @@ _rows: dict[str, ReportRow] = {}
 
 
 def record(stats: ScopeStats, threshold: int, backend: Any) -> None:
-    """Add one finished call of a named scope to the report."""
-    if stats.name is None:
-        return
+    """Add one finished call of a scope to the report (scopes without a name share one row)."""
+    name = UNNAMED if stats.name is None else stats.name
     with _lock:
-        row = _rows.get(stats.name)
+        row = _rows.get(name)
         if row is None:
-            row = _rows[stats.name] = ReportRow(stats.name)
+            row = _rows[name] = ReportRow(name)
         row.calls += 1
         row.allocations_routed += stats.allocations_routed
         row.bytes_routed += stats.bytes_routed
@@ -60,7 +60,9 @@ def record(stats: ScopeStats, threshold: int, backend: Any) -> None:
             row.escapes.append(backend)
             if len(row.escapes) > 64:
                 row.bytes_in_use()  # drop calls whose tensors have died since
-        warn_idle = row.calls >= IDLE_CALLS_WARNING and row.allocations_routed == 0 and not row.warned_idle
+        warn_idle = (
+            stats.name is not None and row.calls >= IDLE_CALLS_WARNING and row.allocations_routed == 0 and not row.warned_idle
+        )
         if warn_idle:
             row.warned_idle = True
     if warn_idle:
@@ -86,7 +88,9 @@ def report() -> str:
     """Return a table of every named scope's figures, largest bytes routed first.
 
     Scopes are named by ``pool_scope(name=...)``; decorated forwards are named
-    after the function's qualified name. Counting is always on.
+    after the function's qualified name; scopes without a name share the row
+    ``(unnamed)``. Counting is always on, per process: a forked or spawned child
+    (a DataLoader worker) counts in its own report, not its parent's.
 
     Example::
 
@@ -95,13 +99,14 @@ def report() -> str:
         print(poolscope.report())
 
     Columns: calls; allocations routed and their MiB; hit rate (served from
-    cached memory); peak MiB (the most pooled bytes alive at once in one call,
-    nested scopes included); live MiB (pooled bytes from finished calls still
-    alive now: outputs you kept); escaped (tensors alive at a call's exit);
+    cached memory); peak MiB (the most pooled bytes alive at once in any one
+    call, nested scopes included); live MiB (pooled bytes from all finished
+    calls still alive now, summed over calls: outputs you kept, so it can
+    exceed one call's peak); escaped (tensors alive at a call's exit, summed);
     fallbacks (served by the ordinary allocator); alloc ms (time in the pool).
     Under the table, one line per pool that released memory to the system:
-    what no allocation reused for ``release_after`` exits, and what sat idle
-    for ``release_idle_s`` seconds.
+    what it holds cached now, what no allocation reused for ``release_after``
+    exits, and what sat idle for ``release_idle_s`` seconds.
 
     Returns:
         The table as a string (a header line only when nothing was recorded).

@@ -191,7 +191,7 @@ class PoolScope(contextlib.ContextDecorator):
         if self._options.strict and self._backend.stats().escaped:
             gc.collect()  # tensors held only by garbage cycles are not escapes
         self._final = self._backend.stats()
-        if self.name is not None:
+        if self.name is not None or self._options.counts_exits:  # poolscope's own scopes stay out
             _report.record(self._final, self._options.threshold, self._backend)
 
 

@@ -44,7 +44,9 @@ def test_report_accumulates_named_scopes_sorted_by_bytes():
         block(torch.ones(1))
     with poolscope.pool_scope(name="big"):
         torch.ones(8 * MiB)
-    with poolscope.pool_scope():  # unnamed: not reported
+    with poolscope.pool_scope():  # unnamed: the "(unnamed)" row
+        torch.ones(MiB)
+    with poolscope.pool_scope():
         torch.ones(MiB)
     text = poolscope.report()
     # The table; under it, one line per pool that gave memory back (shared pools may have).
@@ -60,7 +62,8 @@ def test_report_accumulates_named_scopes_sorted_by_bytes():
     assert block_row[:4] == ["Block.forward", "3", "3", "12.0"]
     assert block_row[4] == "67%"  # first call misses, then hits
     assert block_row[5] == "4.0"  # peak MiB in use
-    assert len(lines) == 4
+    assert lines[4].split()[:4] == ["(unnamed)", "2", "2", "8.0"]
+    assert len(lines) == 5
     poolscope.reset_report()
     assert len([line for line in poolscope.report().splitlines() if not line.startswith("pool ")]) == 2
 
