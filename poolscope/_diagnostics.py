@@ -50,12 +50,25 @@ def _user_frame(frames: Frames) -> Optional[dict[str, Any]]:
     return frames[0] if frames else None
 
 
+def _installed(filename: str) -> bool:
+    """A file of an installed library (transformers, timm...): not the line a user would change."""
+    return f"{os.sep}site-packages{os.sep}" in filename or f"{os.sep}dist-packages{os.sep}" in filename
+
+
 def describe_block(block: dict[str, Any]) -> str:
-    """One line for a pooled block: its size, what was asked for, and where when known."""
+    """One line for a pooled block: its size, what was asked for, and where when known.
+
+    When the line that allocated is in an installed library, the innermost line of the user's
+    own code that led there comes too.
+    """
     text = f"{block['size'] / 2**20:.2f} MiB block ({block['requested_size']} bytes requested)"
     frame = _user_frame(block["frames"])
     if frame is not None:
         text += f", allocated at {frame['filename']}:{frame['line']} in {frame['name']}"
+        if _installed(frame["filename"]):
+            caller = next((f for f in block["frames"] if not _installed(f["filename"])), None)
+            if caller is not None:
+                text += f", called from {caller['filename']}:{caller['line']} in {caller['name']}"
     return text
 
 

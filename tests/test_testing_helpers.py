@@ -55,7 +55,36 @@ def test_leak_in_a_nested_forward_is_caught_with_where_it_came_from():
     assert "2.00 MiB block (2097152 bytes requested)" in message
     assert "held by a tensor of shape (256, 1024), dtype torch.float64" in message
     assert "test_testing_helpers.py:" in message and " in forward" in message
+    assert "kept by an item of Net.stash (a list)" in message  # what the user's code kept it in
     net.stash.clear()
+
+
+def test_the_report_names_attributes_globals_and_locals_that_keep_a_tensor():
+    net = Net()
+    with pytest.raises(AssertionError) as failure:
+        with assert_no_leaks():
+            net.kept = torch.zeros(MiB)
+            KEPT.append(torch.ones(MiB))
+    message = str(failure.value)
+    assert "kept by Net.kept" in message
+    assert "kept by an item of the module global test_testing_helpers.KEPT (a list)" in message
+    KEPT.clear()
+    del net.kept
+
+
+def test_a_block_allocated_inside_a_library_names_the_users_line_too():
+    from poolscope._diagnostics import describe_block
+
+    frames = [
+        {"filename": "/env/lib/python3.12/site-packages/transformers/models/bert/modeling_bert.py", "line": 352,
+         "name": "forward"},
+        {"filename": "/env/lib/python3.12/site-packages/torch/nn/modules/module.py", "line": 1750, "name": "_call_impl"},
+        {"filename": "/home/me/serve.py", "line": 12, "name": "embed"},
+    ]
+    text = describe_block({"size": MiB, "requested_size": MiB, "frames": frames})
+    assert text.endswith("allocated at /env/lib/python3.12/site-packages/transformers/models/bert/modeling_bert.py:352 "
+                         "in forward, called from /home/me/serve.py:12 in embed")
+    assert "called from" not in describe_block({"size": MiB, "requested_size": MiB, "frames": frames[2:]})
 
 
 def test_global_list_leak_without_profiling_names_shape_and_dtype():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
+import types
 from typing import Any, Optional
 
 import torch
@@ -14,6 +16,8 @@ from .._options import scope_options
 from .._scope import PoolScope
 
 __all__ = ["assert_no_leaks"]
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # poolscope's own frames
 
 
 def _holders(blocks: list[dict[str, Any]]) -> dict[int, torch.Tensor]:
@@ -33,10 +37,46 @@ def _holders(blocks: list[dict[str, Any]]) -> dict[int, torch.Tensor]:
     return found
 
 
-def _describe(block: dict[str, Any], holder: Optional[torch.Tensor]) -> str:
+def _name_of(obj: object, skip: set[int]) -> Optional[str]:
+    """``Type.attribute`` or ``module.name`` when an object's or a module's ``__dict__`` holds ``obj``."""
+    for ref in gc.get_referrers(obj):
+        if id(ref) in skip or not isinstance(ref, dict):
+            continue
+        key = next((k for k, v in ref.items() if v is obj), None)
+        if key is None:
+            continue
+        for holder in gc.get_referrers(ref):
+            if isinstance(holder, types.ModuleType) and holder.__dict__ is ref:
+                return f"the module global {holder.__name__}.{key}"
+            if getattr(holder, "__dict__", None) is ref:
+                return f"{type(holder).__qualname__}.{key}"
+    return None
+
+
+def _kept_by(tensor: torch.Tensor, skip: set[int]) -> Optional[str]:
+    """What keeps ``tensor`` alive, in the user's words: an attribute or global, an item of one, a local."""
+    direct = _name_of(tensor, skip)
+    if direct is not None:
+        return direct
+    for ref in gc.get_referrers(tensor):
+        if id(ref) in skip:
+            continue
+        if isinstance(ref, types.FrameType) and not ref.f_code.co_filename.startswith(_PACKAGE_DIR):
+            return f"a local variable of {ref.f_code.co_name} ({ref.f_code.co_filename}:{ref.f_lineno})"
+        if isinstance(ref, (list, tuple, set, dict)):
+            owner = _name_of(ref, skip | {id(ref)})
+            if owner is not None:
+                return f"an item of {owner} (a {type(ref).__name__})"
+    return None
+
+
+def _describe(block: dict[str, Any], holder: Optional[torch.Tensor], skip: set[int]) -> str:
     text = describe_block(block)
     if holder is not None:
         text += f"; held by a tensor of shape {tuple(holder.shape)}, dtype {holder.dtype}"
+        kept = _kept_by(holder, skip)
+        if kept is not None:
+            text += f", kept by {kept}"
     return f"  - {text}"
 
 
@@ -108,7 +148,8 @@ class assert_no_leaks(contextlib.ContextDecorator):  # noqa: N801 - used like a 
         leaks = scope.live_blocks()
         if len(leaks) > self._allow:
             holders = _holders(leaks)
-            lines = "\n".join(_describe(b, holders.get(b["address"])) for b in leaks)
+            skip = {id(holders)}
+            lines = "\n".join(_describe(b, holders.get(b["address"]), skip) for b in leaks)
             # The error's traceback keeps this frame: it must not keep the leaked tensors too, or a
             # test that expects this error would leak them past its end (--poolscope-leak-check).
             del holders
