@@ -144,3 +144,16 @@ def test_other_platforms_pass_through_and_say_which_platform(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[:2] == ["passthrough", "0"]
     assert "built and tested on Linux only, and this is 'darwin'" in out.stdout
+
+
+@pytest.mark.skipif(not torch.version.cuda, reason="only torch's CUDA builds log it (CI's torch 2.15.0 stage runs it)")
+def test_torchs_no_cuda_runtime_note_is_not_shown_while_building(tmp_path):
+    # A CUDA toolkit and no GPU make torch log "No CUDA runtime is found" when cpp_extension is
+    # imported; it reads like an error and does not concern a CPU engine.
+    code = "import logging; logging.basicConfig(); {}"
+    plain = run_python(code.format("import torch.utils.cpp_extension"), CUDA_HOME=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    ours = run_python(code.format("from poolscope.engines import build; build._import_cpp_extension()"),
+                      CUDA_HOME=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    assert plain.returncode == ours.returncode == 0, ours.stderr
+    assert "No CUDA runtime is found" in plain.stderr  # the note this test is about does appear
+    assert "No CUDA runtime is found" not in ours.stderr

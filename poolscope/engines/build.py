@@ -150,9 +150,31 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
+class _NoCudaRuntimeNote(logging.Filter):
+    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." at import of cpp_extension.
+
+    It is logged on any machine with a CUDA toolkit and no GPU, reads like an error, and does
+    not concern poolscope, whose engine is C++ for the CPU only.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def _import_cpp_extension() -> ModuleType:
+    quiet = _NoCudaRuntimeNote()
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    logger.addFilter(quiet)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.removeFilter(quiet)
+    return cpp_extension
+
+
 def _compile(where: Path, digest: str, verbose: bool) -> ModuleType:
     _check_toolchain()  # first: elsewhere even importing cpp_extension may fail
-    from torch.utils import cpp_extension
+    cpp_extension = _import_cpp_extension()
 
     _ninja_on_path()
     if not cpp_extension.is_ninja_available():

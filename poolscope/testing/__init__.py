@@ -8,6 +8,7 @@ checkers live in :mod:`poolscope.testing.strategies` (needs hypothesis).
 
 from ._leaks import assert_no_leaks
 from ._programs import (
+    FACTORIES,
     Program,
     check_accounting,
     check_contents,
@@ -16,6 +17,7 @@ from ._programs import (
 )
 
 __all__ = [
+    "FACTORIES",
     "Program",
     "assert_no_leaks",
     "check_accounting",

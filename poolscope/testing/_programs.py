@@ -149,8 +149,10 @@ def run_program(
         program: the steps (see the module docstring).
         scoped: run inside ``pool_scope(threshold=threshold, pool=pool)``; False runs plain.
         pool: the pool to use (the device's shared pool when None).
-        factories: name -> ``f(numel, dtype)``; defaults to :data:`FACTORIES`. Put your own
-            module's forward here to run random programs against it.
+        factories: name -> ``f(numel, dtype) -> torch.Tensor``, called by each
+            ``("alloc", name, numel, dtype)`` step; defaults to :data:`FACTORIES`. Add a
+            function that runs your module and returns what it made, and pass its name to
+            ``strategies.programs(factories=[...])`` (docs/testing.md has an example).
         threshold: the outer scope's threshold.
 
     Returns:
