@@ -5,7 +5,7 @@ The extension is compiled against the torch in the running interpreter with
 another torch) into ``<cache>/<tag>/``, where the tag names the torch version,
 its C++ ABI, the Python version and a hash of the sources and flags. Later
 processes import the built library directly; only a missing or stale build
-compiles (20-50 s on two cores). ``python -m poolscope build`` does it ahead
+compiles (25-60 s on two cores). ``python -m poolscope build`` does it ahead
 of time.
 
 Whatever goes wrong here (sources missing from a broken install, an unusable
@@ -222,7 +222,7 @@ def _load(verbose: bool, rebuild_broken: bool) -> ModuleType:
                 ) from exc
             _log.warning("poolscope: the cached engine in %s cannot be loaded (%s); building it again", where, exc)
     _log.warning(
-        "poolscope: compiling the native engine for torch %s into %s (once per torch version, 20-50 s); "
+        "poolscope: compiling the native engine for torch %s into %s (once per torch version, 25-60 s); "
         "`python -m poolscope build` does this ahead of time",
         torch.__version__,
         where,
