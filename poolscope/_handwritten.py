@@ -11,7 +11,6 @@ never free memory that is still referenced, and calling it twice is harmless.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -19,6 +18,7 @@ import torch
 
 from ._config import DeviceLike, check_bool, parse_choice, parse_device
 from ._errors import PoolscopeTypeError, PoolscopeValueError
+from ._forksafe import ForkSafeLock
 from ._pool import get_pool
 from ._options import scope_options
 from ._scope import PoolScope
@@ -115,7 +115,7 @@ def _parse_shape(shape: object) -> tuple[int, ...]:
 
 
 _instance: Optional[GlobalMemoryPool] = None
-_instance_lock = threading.Lock()
+_instance_lock = ForkSafeLock()
 
 
 def get_global_memory_pool(enable_profiling: bool = False) -> GlobalMemoryPool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import weakref
 from typing import Any, Optional
 
@@ -10,13 +9,14 @@ import torch
 
 from ._config import ENV, ByteSize, DeviceLike, parse_count, parse_device, parse_limit, parse_seconds
 from ._diagnostics import clean_blocks
+from ._forksafe import ForkSafeLock
 from ._stats import PoolStats
 from .engines import engine_for
 from .engines.base import Engine, PoolBackend, PoolLimits
 
 __all__ = ["TensorPool", "all_pools", "get_pool", "release_unused"]
 
-_lock = threading.Lock()
+_lock = ForkSafeLock()
 _SHARED: dict[torch.device, TensorPool] = {}
 _ALL: weakref.WeakSet[TensorPool] = weakref.WeakSet()
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._diagnostics import warn_at_caller
+from ._forksafe import ForkSafeLock
 from ._pool import all_pools
 from ._stats import ScopeStats, hit_rate
 
@@ -37,7 +37,7 @@ class ReportRow:
         return sum(n for _, n in alive)
 
 
-_lock = threading.Lock()
+_lock = ForkSafeLock()
 _rows: dict[str, ReportRow] = {}
 
 

@@ -12,7 +12,7 @@ import torch
 
 import poolscope
 from conftest import open_scopes
-from helpers import MiB
+from helpers import MiB, run_python
 
 pytestmark = pytest.mark.pools
 
@@ -277,3 +277,75 @@ def test_asynchronous_exceptions_never_leave_a_scope_open():
     assert out.returncode == 0, out.stderr[-2000:]
     booms, still_open = map(int, out.stdout.split())
     assert booms > 100 and still_open == 0
+
+
+FORK_STORM = r"""
+import os, threading, time, torch, poolscope
+torch.set_num_threads(1)  # plain PyTorch children can hang in OpenMP otherwise
+pool = poolscope.TensorPool("cpu", release_idle_s=0.02)  # made before any scope, as at module level
+stop = threading.Event()
+
+def make_pools():  # no scope: each new pool wakes the releaser, which takes the engine's lock
+    while not stop.is_set():
+        poolscope.TensorPool("cpu", release_idle_s=0.01)
+
+def churn():  # lends, frees, growth and releases in flight while the parent forks
+    while not stop.is_set():
+        with poolscope.pool_scope(pool=pool, threshold=0):
+            x = torch.zeros(1 << (18 + int(time.monotonic() * 1000) % 3))
+        del x
+        pool.empty_cache()
+
+def child():
+    code = 1
+    try:
+        with poolscope.pool_scope(pool=pool):
+            y = torch.ones(1 << 20)
+        ok = bool(torch.all(y == 1))
+        del y
+        deadline = time.monotonic() + 10
+        while pool.stats().bytes_cached and time.monotonic() < deadline:
+            time.sleep(0.01)  # the child's own releaser gives the cache back by time
+        code = 0 if ok and pool.stats().bytes_cached == 0 else 2
+    finally:
+        os._exit(code)
+
+hung = failed = 0
+for work in (make_pools, churn):  # 200 forks before any scope in this process, 200 amid scopes
+    stop.clear()
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    children = []
+    for i in range(200):
+        pid = os.fork()
+        if pid == 0:
+            child()
+        children.append((pid, time.monotonic()))
+        while len(children) >= 8 or (i == 199 and children):
+            pid, started = children[0]
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                failed += os.waitstatus_to_exitcode(status) != 0
+                children.pop(0)
+            elif time.monotonic() - started > 30:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                hung += 1
+                children.pop(0)
+            else:
+                time.sleep(0.002)
+    stop.set()
+    for t in threads:
+        t.join()
+print(hung, failed)
+"""
+
+def test_four_hundred_forks_of_a_busy_pool_made_before_any_scope_neither_hang_nor_keep_memory():
+    # Fork handlers are registered when the engine loads, not at the first scope: a fork while
+    # another thread holds the lock, grows the pool or drops pages gives a working child, whose
+    # own releaser gives back by time.
+    out = run_python(FORK_STORM)
+    assert out.returncode == 0, out.stderr[-3000:]
+    hung, failed = map(int, out.stdout.split())
+    assert (hung, failed) == (0, 0)

@@ -319,9 +319,19 @@ void after_fork() {
   g_mu.unlock();
 }
 
+// The pools alive at the fork, kept past the unlock: a last reference must not die under g_mu.
+std::vector<std::shared_ptr<Pool>>* g_forked_pools = nullptr;
+
 void after_fork_child() {
+  // Only the forking thread came along: nothing another thread had in flight will finish here.
   releaser_after_fork_child();
+  g_forked_pools = new std::vector<std::shared_ptr<Pool>>(live_pools_locked());
+  for (auto& pool : *g_forked_pools) {
+    pool->after_fork_child();
+  }
   g_mu.unlock();
+  delete g_forked_pools;
+  g_forked_pools = nullptr;
 }
 
 }  // namespace
@@ -400,10 +410,17 @@ bool install() {
     for (int priority = 0; priority < 256 && c10::GetCPUAllocator() != &g_allocator; ++priority) {
       c10::SetCPUAllocator(&g_allocator, static_cast<uint8_t>(priority));
     }
-    pthread_atfork(&prepare_fork, &after_fork, &after_fork_child);
     return c10::GetCPUAllocator() == &g_allocator;
   }();
   return ok && installed();
+}
+
+void register_fork_handlers() {
+  static const bool registered = [] {
+    pthread_atfork(&prepare_fork, &after_fork, &after_fork_child);
+    return true;
+  }();
+  (void)registered;
 }
 
 bool installed() {

@@ -250,6 +250,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("build_digest") = POOLSCOPE_STR(POOLSCOPE_BUILD_DIGEST);
   register_test_hooks(m);
   enable_python_tracebacks();
+  register_fork_handlers();
 
   m.def("install", &install, "Install the allocator (once); true when it serves CPU allocations.");
   m.def("installed", &installed, "Whether poolscope's allocator is PyTorch's CPU allocator now.");

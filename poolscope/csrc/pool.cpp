@@ -199,9 +199,20 @@ void Pool::insert_free(Block* block) {
 }
 
 void Pool::settle(Block* block) {
+  decommitting.erase(std::find(decommitting.begin(), decommitting.end(), block));
   block->committed = 0;
   block->state = BlockState::free;
   insert_free(block);
+}
+
+void Pool::after_fork_child() {
+  growing = 0;
+  for (Block* block : decommitting) {
+    block->committed = block->size;
+    block->state = BlockState::free;
+    insert_free(block);
+  }
+  decommitting.clear();
 }
 
 void Pool::release_down_to(size_t budget, Deferred& out) {
@@ -282,6 +293,7 @@ void Pool::release_block(Block* block, Deferred& out, Reason reason) {
     // free set until that is done, so nobody is lent it meanwhile.
     block->state = BlockState::decommitting;
     block->committed = 0;
+    decommitting.push_back(block);
     out.decommit_blocks.push_back(block);
   }
 }
@@ -419,6 +431,9 @@ void Pool::check_invariants() const {
   // Invariants 1 and 2 of pool.h, for every segment reachable from a free block (a segment
   // wholly lent has no free block to start from; its blocks are the registry's).
   size_t cached = 0, mapped = 0;
+  for (const Block* block : decommitting) {
+    TORCH_INTERNAL_ASSERT(block->state == BlockState::decommitting && block->pool == this, "a decommitting block in the wrong state");
+  }
   for (const Block* block : free_blocks) {
     TORCH_INTERNAL_ASSERT(block->state == BlockState::free && block->pool == this, "a free block in the wrong state");
     cached += block->committed;

@@ -17,9 +17,10 @@
 //
 // Invariants (under g_mu; check_invariants() asserts them in debug builds):
 //  1. Every block of a segment is in exactly one state: allocated (in the allocator's registry
-//     of lent blocks), free (in free_blocks), or decommitting (in neither, in a Deferred's list
-//     until its pages are dropped, then free again). Blocks of a segment tile it: each block's
-//     next starts where it ends, and no two free blocks are neighbours once merged.
+//     of lent blocks), free (in free_blocks), or decommitting (in neither, in the pool's
+//     `decommitting` and a Deferred's list until its pages are dropped, then free again).
+//     Blocks of a segment tile it: each block's next starts where it ends, and no two free
+//     blocks are neighbours once merged.
 //  2. bytes_cached is the sum of `committed` over free_blocks; bytes_in_use the sum of the sizes
 //     of allocated blocks; segment_bytes the sum of segment sizes; each segment's bytes_in_use
 //     the sum of its allocated blocks.
@@ -150,6 +151,7 @@ struct Pool : std::enable_shared_from_this<Pool> {
   std::vector<std::unique_ptr<Segment>> segments;
   size_t bytes_in_use = 0, bytes_requested = 0, bytes_cached = 0, segment_bytes = 0;
   size_t growing = 0;  // bytes of segments being allocated outside the lock
+  std::vector<Block*> decommitting;  // blocks whose pages a Deferred drops outside the lock
   size_t peak_bytes_in_use = 0;
   int64_t hits = 0, misses = 0, releases = 0, bytes_released = 0, fallbacks = 0;
   int64_t bytes_released_by_exits = 0, bytes_released_by_time = 0;
@@ -171,6 +173,10 @@ struct Pool : std::enable_shared_from_this<Pool> {
   void free_block(Block* block, Deferred& out);
   void insert_free(Block* block);
   void settle(Block* block);  // a decommitted block rejoins the free set
+  // In a forked child, under g_mu: growth and decommits that other threads had in flight will
+  // never finish there; their bytes are no longer growing, their blocks free again (resident
+  // or not: counted as cached, an upper bound).
+  void after_fork_child();
   // Give back free memory, oldest first, until at most `budget` bytes may stay resident.
   void release_down_to(size_t budget, Deferred& out);
   void release_segments_smaller_than(size_t size, Deferred& out);

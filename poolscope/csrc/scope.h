@@ -65,6 +65,9 @@ size_t thread_depth();  // open scopes on the calling thread (test hooks)
 
 // The allocator (allocator.cpp).
 bool install();
+// Called when the extension loads: a fork at any moment after that, before the first scope or
+// pool included, holds g_mu across fork() and resets the child's in-flight state.
+void register_fork_handlers();
 bool installed();
 void register_pool(const std::shared_ptr<Pool>& pool);
 c10::DataPtr lend(Scope* top, size_t nbytes);

@@ -11,7 +11,6 @@ The protocols they implement, and the options they read, are in ``base.py``.
 
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 import torch
@@ -19,11 +18,12 @@ import torch
 from .._config import ENV, DeviceLike, parse_device
 from .._diagnostics import warn_at_caller
 from .._errors import PoolscopeError
+from .._forksafe import ForkSafeLock
 from .base import Engine
 
 __all__ = ["engine", "engine_for"]
 
-_lock = threading.Lock()
+_lock = ForkSafeLock()
 _cpu_engine: Optional[Engine] = None
 _cuda_engine: Optional[Engine] = None
 

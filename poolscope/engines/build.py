@@ -25,7 +25,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -35,6 +34,7 @@ import torch
 
 from .._config import ENV
 from .._errors import PoolscopeError
+from .._forksafe import ForkSafeLock
 from .._torch_compat import cxx11_abi
 
 __all__ = ["BuildError", "build_dir", "load"]
@@ -59,7 +59,7 @@ _COMPILER_HELP = (
 _FAILURES = (OSError, ImportError, RuntimeError, ValueError, subprocess.CalledProcessError)
 
 _log = logging.getLogger("poolscope")
-_lock = threading.Lock()
+_lock = ForkSafeLock()
 _module: Optional[ModuleType] = None
 
 

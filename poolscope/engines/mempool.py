@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .._forksafe import ForkSafeLock
 from .._stats import PoolStats, ScopeStats
 from .base import PoolLimits, PythonPushPop, ScopeOptions
 from .passthrough import empty_pool_stats
@@ -214,7 +215,7 @@ class CudaEngine(PythonPushPop):
         self.api = api
         self.clock = clock
         self._stacks = _Stacks()
-        self.lock = threading.Lock()
+        self.lock = ForkSafeLock()
         self._pools: list[CudaPool] = []
         self._wake = threading.Event()
         self._releaser: Optional[threading.Thread] = None
