@@ -122,7 +122,7 @@ def test_threads_each_in_their_own_scope_share_a_pool_safely(pool):
     def work(seed):
         try:
             with poolscope.pool_scope(pool=pool, threshold=0) as scope:
-                for i in range(half):
+                for i in range(200):
                     x = torch.full((MiB // 4 + (i % 5) * 1000,), float(seed))
                     y = torch.full_like(x, float(seed + 1))
                     assert torch.all(x == seed) and torch.all(y == seed + 1)
@@ -318,7 +318,7 @@ for work in (make_pools, churn):  # forks before any scope in this process, then
     for t in threads:
         t.start()
     children = []
-    for i in range(200):
+    for i in range(half):
         pid = os.fork()
         if pid == 0:
             child()
