@@ -7,14 +7,16 @@ its pages). RSS is read at once and after 1, 5 and 30 s idle. Where that allocat
 memory resident (glibc's heap for mid-sized blocks, mimalloc's purge delay: torch >= 2.10 on
 aarch64 serves CPU tensors from mimalloc), plain shows it and poolscope must not.
 
-    python benchmarks/release_rss.py            # prints a table
+    python benchmarks/release_rss.py [--out benchmarks/results] [--smoke]   # prints a table
 """
 
 from __future__ import annotations
 
+import argparse
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 CHILD = r"""
 import sys, time, torch, poolscope
@@ -39,25 +41,37 @@ del small, big
 if pooled:
     poolscope.release_unused()
 freed = rss()
-time.sleep(1)
+time.sleep(float(sys.argv[2]))
 one = rss()
-time.sleep(4)
+time.sleep(float(sys.argv[3]))
 five = rss()
-time.sleep(25)
+time.sleep(float(sys.argv[4]))
 print(f"{base:.0f} {held:.0f} {freed:.0f} {one:.0f} {five:.0f} {rss():.0f}")
 """
 
 
 def main() -> int:
-    print(f"machine: {platform.machine()}, torch {__import__('torch').__version__}")
-    print("| way | RSS before MiB | holding 352 MiB | just after free/release | after 1 s | after 5 s | after 30 s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    from _harness import machine, write_json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
+    parser.add_argument("--smoke", action="store_true", help="waits of 0.1 s: checks that it runs")
+    args = parser.parse_args()
+    waits = ("0.05", "0.05", "0.05") if args.smoke else ("1", "4", "25")
+    rows = {}
     for way in ("plain", "poolscope"):
-        out = subprocess.run([sys.executable, "-c", CHILD, way], capture_output=True, text=True, timeout=1800)
+        out = subprocess.run([sys.executable, "-c", CHILD, way, *waits], capture_output=True, text=True, timeout=1800)
         if out.returncode != 0:
             print(out.stderr[-2000:], file=sys.stderr)
             return 1
-        print(f"| {way} | " + " | ".join(out.stdout.split()) + " |")
+        rows[way] = [float(v) for v in out.stdout.split()]
+    print(f"machine: {machine()} ({platform.machine()}); RSS in MiB")
+    print("| workload | setup | RSS before | holding 352 MiB | just after free/release | after 1 s | after 5 s | after 30 s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for way, values in rows.items():
+        print(f"| 64 x 1.5 MiB + 256 MiB, freed | {way} | " + " | ".join(f"{v:.0f}" for v in values) + " |")
+    name = "release-rss-smoke" if args.smoke else f"release-rss-{platform.machine()}"
+    write_json(args.out, f"{name}.json", {"machine": machine(), "arch": platform.machine(), "rows": rows})
     return 0
 
 

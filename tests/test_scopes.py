@@ -310,6 +310,11 @@ def child():
     finally:
         os._exit(code)
 
+# What the threads and the children call runs once first: a torch function's first call
+# registers a static destructor (glibc's atexit lock), and a child forked while another thread
+# holds that lock hangs in plain PyTorch (Python 3.12 warns that fork with threads may deadlock).
+torch.all(torch.ones(1) == 1)
+torch.zeros(1)
 hung = failed = 0
 half = int(os.environ.get("POOLSCOPE_TEST_FORKS", "400")) // 2
 for work in (make_pools, churn):  # forks before any scope in this process, then amid scopes
