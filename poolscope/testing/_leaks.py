@@ -40,17 +40,28 @@ def _holders(blocks: list[dict[str, Any]]) -> dict[int, torch.Tensor]:
 def _name_of(obj: object, skip: set[int]) -> Optional[str]:
     """``Type.attribute`` or ``module.name`` when an object's or a module's ``__dict__`` holds ``obj``."""
     for ref in gc.get_referrers(obj):
-        if id(ref) in skip or not isinstance(ref, dict):
+        if id(ref) in skip:
             continue
-        key = next((k for k, v in ref.items() if v is obj), None)
-        if key is None:
-            continue
-        for holder in gc.get_referrers(ref):
-            if isinstance(holder, types.ModuleType) and holder.__dict__ is ref:
-                return f"the module global {holder.__name__}.{key}"
-            if getattr(holder, "__dict__", None) is ref:
-                return f"{type(holder).__qualname__}.{key}"
+        if isinstance(ref, dict):
+            key = _key_of(ref, obj)
+            if key is None:
+                continue
+            for holder in gc.get_referrers(ref):
+                if isinstance(holder, types.ModuleType) and holder.__dict__ is ref:
+                    return f"the module global {holder.__name__}.{key}"
+                if getattr(holder, "__dict__", None) is ref:
+                    return f"{type(holder).__qualname__}.{key}"
+        elif not isinstance(ref, (type, types.FrameType)):
+            # Python 3.13 keeps instance attributes inline: the instance, not a dict, refers to obj.
+            attributes = getattr(ref, "__dict__", None)
+            key = _key_of(attributes, obj) if isinstance(attributes, dict) else None
+            if key is not None:
+                return f"{type(ref).__qualname__}.{key}"
     return None
+
+
+def _key_of(mapping: dict[Any, Any], obj: object) -> Optional[str]:
+    return next((str(k) for k, v in mapping.items() if v is obj), None)
 
 
 def _kept_by(tensor: torch.Tensor, skip: set[int]) -> Optional[str]:
