@@ -6,7 +6,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Optional, TypeVar, Union
+from typing import Literal, Optional, TypeVar, Union
 
 import torch
 
@@ -18,6 +18,12 @@ BUILTIN_RELEASE_AFTER = 100
 # its working set (2 s between steps), well below "an idle spike is back within a minute"; the
 # decay jemalloc uses by default (dirty_decay_ms=10000). See docs/memory.md.
 BUILTIN_RELEASE_IDLE_S = 10.0
+# A clock left to learn ("auto", the default) starts at the built-in setting above and holds at
+# most LEARN_LIMIT times it: 3,200 exits and 320 s (csrc/retention.cpp's kLearnLimit).
+AUTO: Literal["auto"] = "auto"
+LEARN_LIMIT = 32
+ReleaseAfter = Union[int, Literal["auto"]]
+ReleaseIdle = Union[float, None, Literal["auto"]]
 CAPTURE_MODES = ("all", "factories")
 ON_LIMIT = ("raise", "fallback")
 ENGINES = ("native", "passthrough")
@@ -113,14 +119,36 @@ def parse_seconds(value: object, what: str) -> Optional[float]:
     return float(value)
 
 
-def _parse_seconds_env(raw: str) -> Optional[float]:
+def _parse_seconds_env(raw: str) -> ReleaseIdle:
+    if raw.lower() == AUTO:
+        return AUTO
     if raw.lower() in ("none", "off", "never"):
         return None
     try:
         value = float(raw)
     except ValueError:
-        raise PoolscopeValueError(f"release_idle_s must be a number of seconds, 0, or 'none'; got {raw!r}") from None
+        raise PoolscopeValueError(f"release_idle_s must be a number of seconds, 0, 'none' or 'auto'; got {raw!r}") from None
     return parse_seconds(value, "release_idle_s")
+
+
+def parse_release_after(value: object) -> tuple[int, bool]:
+    """``release_after`` as (setting, learns): "auto" learns from the built-in 100 exits."""
+    if isinstance(value, str):
+        if value == AUTO:
+            return BUILTIN_RELEASE_AFTER, True
+        raise PoolscopeValueError(f"release_after must be an int >= 0 or 'auto'; got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _type_error("release_after", "an int >= 0 or 'auto'", value)
+    return parse_count(value, "release_after"), False
+
+
+def parse_release_idle(value: object) -> tuple[Optional[float], bool]:
+    """``release_idle_s`` as (setting, learns): "auto" learns from the built-in 10 s."""
+    if isinstance(value, str):
+        if value == AUTO:
+            return BUILTIN_RELEASE_IDLE_S, True
+        raise PoolscopeValueError(f"release_idle_s must be a number of seconds, None or 'auto'; got {value!r}")
+    return parse_seconds(value, "release_idle_s"), False
 
 
 def parse_count(value: object, what: str) -> int:
@@ -202,6 +230,17 @@ def _env_value(env: Mapping[str, str], name: str, parse: Callable[[str], T]) -> 
         raise PoolscopeValueError(f"environment variable {name}={raw!r} is invalid: {exc}") from None
 
 
+def _parse_seconds_env_named(raw: str) -> ReleaseIdle:
+    try:
+        return _parse_seconds_env(raw.strip())
+    except (TypeError, ValueError) as exc:
+        raise PoolscopeValueError(f"environment variable POOLSCOPE_RELEASE_IDLE_S={raw!r} is invalid: {exc}") from None
+
+
+def _parse_release_after_env(raw: str) -> ReleaseAfter:
+    return AUTO if raw.lower() == AUTO else parse_count(int(raw), "release_after")
+
+
 def _parse_cap(raw: str) -> Optional[int]:
     return None if raw.lower() in ("none", "unlimited") else parse_bytes(raw, "max_cached_bytes")
 
@@ -214,12 +253,12 @@ class Environment:
         threshold = _env_value(env, "POOLSCOPE_THRESHOLD", parse_threshold)
         self.threshold = BUILTIN_THRESHOLD if threshold is None else threshold
         self.max_cached = _env_value(env, "POOLSCOPE_MAX_CACHED", _parse_cap)
-        release_after = _env_value(env, "POOLSCOPE_RELEASE_AFTER", lambda s: parse_count(int(s), "release_after"))
-        self.release_after = BUILTIN_RELEASE_AFTER if release_after is None else release_after
+        release_after = _env_value(env, "POOLSCOPE_RELEASE_AFTER", _parse_release_after_env)
+        self.release_after: ReleaseAfter = AUTO if release_after is None else release_after
         unset = "POOLSCOPE_RELEASE_IDLE_S" not in env or not env["POOLSCOPE_RELEASE_IDLE_S"].strip()
-        self.release_idle_s = (
-            BUILTIN_RELEASE_IDLE_S if unset else _env_value(env, "POOLSCOPE_RELEASE_IDLE_S", _parse_seconds_env)
-        )
+        self.release_idle_s: ReleaseIdle = AUTO
+        if not unset:
+            self.release_idle_s = _parse_seconds_env_named(env["POOLSCOPE_RELEASE_IDLE_S"])
         self.engine = _env_value(env, "POOLSCOPE_ENGINE", _parse_engine)
         self.cache_dir = env.get("POOLSCOPE_CACHE_DIR") or None
 
@@ -239,9 +278,10 @@ def load_environment(env: Mapping[str, str]) -> Environment:
     POOLSCOPE_DISABLE: 1/true/yes/on makes every scope pass-through (as POOLSCOPE_ENGINE=passthrough).
     POOLSCOPE_THRESHOLD: the default threshold, e.g. "4MiB".
     POOLSCOPE_MAX_CACHED: the default max_cached_bytes of get_pool()'s pools, or "none".
-    POOLSCOPE_RELEASE_AFTER: outermost-scope exits without a reuse after which cached memory is released (default 100).
-    POOLSCOPE_RELEASE_IDLE_S: seconds after which unused cached memory goes back by itself (default 10;
-        0 or "none" turns it off).
+    POOLSCOPE_RELEASE_AFTER: outermost-scope exits without a reuse after which cached memory is released,
+        or "auto" (the default: learned from the traffic, from 100 up to 3,200).
+    POOLSCOPE_RELEASE_IDLE_S: seconds after which unused cached memory goes back by itself, or "auto"
+        (the default: learned from the traffic, from 10 up to 320); 0 or "none" turns it off.
     POOLSCOPE_ENGINE: "native" (fail loudly if it cannot be built) or "passthrough"; unset picks native
         and falls back to passthrough with one warning.
     POOLSCOPE_CACHE_DIR: where the native engine is built (default ~/.cache/poolscope).

@@ -7,7 +7,17 @@ from typing import Any, Optional
 
 import torch
 
-from ._config import ENV, ByteSize, DeviceLike, parse_count, parse_device, parse_limit, parse_seconds
+from ._config import (
+    ENV,
+    ByteSize,
+    DeviceLike,
+    ReleaseAfter,
+    ReleaseIdle,
+    parse_device,
+    parse_limit,
+    parse_release_after,
+    parse_release_idle,
+)
 from ._diagnostics import clean_blocks
 from ._forksafe import ForkSafeLock
 from ._stats import PoolStats
@@ -29,7 +39,11 @@ class TensorPool:
     no allocation reused it during the last ``release_after`` outermost-scope
     exits, or when nothing used it for ``release_idle_s`` seconds, whichever
     comes first: the second needs no call and no scope exit (a background
-    thread does it).
+    thread does it). Left at "auto", both clocks learn the traffic's pauses:
+    memory the traffic faulted in again after a release is held longer next
+    time, up to 32x the built-in 100 exits and 10 s (docs/memory.md). When
+    the system or the process's cgroup runs low on memory, every cached block
+    goes back at once.
 
     Example::
 
@@ -46,11 +60,13 @@ class TensorPool:
             None for none. Past it the pool releases its cache and tries again,
             then lets PyTorch's ordinary allocator serve the request (``fallbacks``).
         release_after: cached memory that no allocation reused during this many
-            outermost-scope exits is released (default 100, or POOLSCOPE_RELEASE_AFTER);
-            0 releases every cached block at each outermost exit.
+            outermost-scope exits is released; 0 releases every cached block at each
+            outermost exit. "auto" (the default, or POOLSCOPE_RELEASE_AFTER) starts at
+            100 and learns, up to 3,200; an int is exactly that, never learned.
         release_idle_s: seconds after which cached memory nothing used is released by
-            itself (default 10, or POOLSCOPE_RELEASE_IDLE_S); None, 0, ``math.inf`` and
-            anything from 2**62 microseconds on turn it off.
+            itself; None, 0, ``math.inf`` and anything from 2**62 microseconds on turn
+            it off. "auto" (the default, or POOLSCOPE_RELEASE_IDLE_S) starts at 10 s and
+            learns, up to 320 s; a number is exactly that, never learned.
 
     Raises:
         PoolscopeTypeError, PoolscopeValueError: for a bad device, a NaN or negative
@@ -68,14 +84,14 @@ class TensorPool:
         *,
         max_cached_bytes: Optional[ByteSize] = None,
         max_bytes: Optional[ByteSize] = None,
-        release_after: int = ENV.release_after,
-        release_idle_s: Optional[float] = ENV.release_idle_s,
+        release_after: ReleaseAfter = ENV.release_after,
+        release_idle_s: ReleaseIdle = ENV.release_idle_s,
     ) -> None:
         self._device = parse_device(device)
         self._max_cached = parse_limit(max_cached_bytes, "max_cached_bytes")
         self._max_bytes = parse_limit(max_bytes, "max_bytes")
-        self._release_after = parse_count(release_after, "release_after")
-        self._release_idle = parse_seconds(release_idle_s, "release_idle_s")
+        self._release_after = parse_release_after(release_after)
+        self._release_idle = parse_release_idle(release_idle_s)
         self._engine: Engine = engine_for(self._device)
         self._backend: PoolBackend = self._engine.new_pool(self._device, self._limits())
         self._warned_cap = False
@@ -91,7 +107,9 @@ class TensorPool:
         return self._engine.name
 
     def _limits(self) -> PoolLimits:
-        return PoolLimits(self._max_cached, self._max_bytes, self._release_after, self._release_idle)
+        after, learn_after = self._release_after
+        idle, learn_idle = self._release_idle
+        return PoolLimits(self._max_cached, self._max_bytes, after, idle, learn_after, learn_idle)
 
     def _configure(self) -> None:
         self._backend.configure(self._limits())
@@ -117,23 +135,31 @@ class TensorPool:
         self._configure()
 
     @property
-    def release_after(self) -> int:
-        """Cached memory no allocation reused during this many outermost-scope exits is released."""
-        return self._release_after
+    def release_after(self) -> ReleaseAfter:
+        """Cached memory no allocation reused during this many outermost-scope exits is released; "auto" learns.
+
+        Setting it starts the clocks over (what they learned is forgotten).
+        """
+        after, learns = self._release_after
+        return "auto" if learns else after
 
     @release_after.setter
-    def release_after(self, value: int) -> None:
-        self._release_after = parse_count(value, "release_after")
+    def release_after(self, value: ReleaseAfter) -> None:
+        self._release_after = parse_release_after(value)
         self._configure()
 
     @property
-    def release_idle_s(self) -> Optional[float]:
-        """Seconds after which unused cached memory is released by itself; None means never."""
-        return self._release_idle
+    def release_idle_s(self) -> ReleaseIdle:
+        """Seconds after which unused cached memory is released by itself; None means never, "auto" learns.
+
+        Setting it starts the clocks over (what they learned is forgotten).
+        """
+        idle, learns = self._release_idle
+        return "auto" if learns else idle
 
     @release_idle_s.setter
-    def release_idle_s(self, value: Optional[float]) -> None:
-        self._release_idle = parse_seconds(value, "release_idle_s")
+    def release_idle_s(self, value: ReleaseIdle) -> None:
+        self._release_idle = parse_release_idle(value)
         self._configure()
 
     def stats(self) -> PoolStats:

@@ -31,8 +31,15 @@ class PoolStats:
     ``release_idle_s`` seconds (``bytes_released_by_time``); ``bytes_released``
     and ``releases`` count every release, caps, growth and ``empty_cache`` included.
     ``working_set_bytes`` is a figure only: the most bytes in use between two
-    outermost exits, over the last ``release_after`` of them. ``fallbacks``
+    outermost exits, over the last ``hold_after`` of them. ``fallbacks``
     counts requests the ordinary allocator served because the pool could not grow.
+
+    What the retention policy decided (docs/memory.md): ``release_after`` and
+    ``release_idle_s`` are the settings, ``hold_after`` and ``hold_idle_s`` the
+    clocks in force now, longer than the settings when a ``learning`` pool saw
+    the traffic come back for memory they had released. ``refaults`` counts
+    lends that faulted in memory the clocks had released (``bytes_refaulted``
+    of it); ``bytes_released_by_pressure`` what low memory gave back at once.
     """
 
     device: str
@@ -56,6 +63,12 @@ class PoolStats:
     max_bytes: Optional[int]
     release_after: int
     release_idle_s: Optional[float]
+    bytes_released_by_pressure: int = 0
+    refaults: int = 0
+    bytes_refaulted: int = 0
+    hold_after: int = 0
+    hold_idle_s: Optional[float] = None
+    learning: bool = False
 
     @property
     def evictions(self) -> int:

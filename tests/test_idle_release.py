@@ -28,18 +28,26 @@ def _wait_for(condition, seconds: float) -> float:
 
 
 def test_the_default_and_the_knobs():
-    assert poolscope.TensorPool("cpu").release_idle_s == 10.0
+    default = poolscope.TensorPool("cpu")
+    assert default.release_idle_s == "auto"  # learns, from 10 s (tests/test_retention.py)
+    stats = default.stats()
+    assert stats.release_idle_s == 10.0 and stats.hold_idle_s == 10.0 and stats.learning
     pool = poolscope.TensorPool("cpu", release_idle_s=0)
     assert pool.release_idle_s is None and pool.stats().release_idle_s is None
     pool.release_idle_s = 2.5
     assert pool.release_idle_s == 2.5 and pool.stats().release_idle_s == pytest.approx(2.5)
     with pytest.raises(poolscope.PoolscopeValueError, match=r"release_idle_s must be >= 0 seconds .*got -1"):
         poolscope.TensorPool("cpu", release_idle_s=-1)
-    with pytest.raises(poolscope.PoolscopeTypeError, match=r"release_idle_s must be a number of seconds >= 0, or None .*got '5s'"):
+    with pytest.raises(poolscope.PoolscopeValueError, match=r"release_idle_s must be a number of seconds, None or 'auto'; got '5s'"):
         poolscope.TensorPool("cpu", release_idle_s="5s")  # type: ignore[arg-type]
+    with pytest.raises(poolscope.PoolscopeTypeError, match=r"release_idle_s must be a number of seconds >= 0, or None .*got \[5\]"):
+        poolscope.TensorPool("cpu", release_idle_s=[5])  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("value", "expected"), [("3", "3.0"), ("0", "None"), ("none", "None"), ("inf", "None"), ("", "10.0")])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("3", "3.0"), ("0", "None"), ("none", "None"), ("inf", "None"), ("", "auto"), ("auto", "auto"), ("AUTO", "auto")],
+)
 def test_the_environment_variable(value, expected):
     code = "import poolscope; print(poolscope.TensorPool('cpu').release_idle_s)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

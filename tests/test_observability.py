@@ -204,8 +204,8 @@ def test_environment_configuration():
         "print(s.stats.allocations_routed, poolscope.pool_scope().threshold, pool.max_cached_bytes, "
         "pool.release_after, poolscope.engine())\n"
     )
-    assert run_python(code).stdout.split() == ["1", str(MiB), "None", "100", "native"]
-    assert run_python(code, POOLSCOPE_DISABLE="1").stdout.split() == ["0", str(MiB), "None", "100", "passthrough"]
+    assert run_python(code).stdout.split() == ["1", str(MiB), "None", "auto", "native"]
+    assert run_python(code, POOLSCOPE_DISABLE="1").stdout.split() == ["0", str(MiB), "None", "auto", "passthrough"]
     assert run_python(code, POOLSCOPE_ENGINE="passthrough").stdout.split()[-1] == "passthrough"
     assert run_python(code, POOLSCOPE_ENGINE="native").stdout.split()[-1] == "native"
     out = run_python(

@@ -290,6 +290,7 @@ Block* grow_locked(std::unique_lock<std::mutex>& lock, Pool* pool, size_t size, 
       if (memory) {
         Block* block = pool->add_segment(std::move(memory), wanted);
         pool->lend_from(block, size, room);
+        pool->note_faulted(size, mono_us());
         return block;
       }
     }

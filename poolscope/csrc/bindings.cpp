@@ -65,6 +65,10 @@ std::vector<std::vector<Frame>> symbolize_all(const std::vector<Context>& contex
   return symbolize(raw);
 }
 
+py::object seconds_or_none(int64_t us) {
+  return us == kNone ? py::object(py::none()) : py::object(py::float_(static_cast<double>(us) * 1e-6));
+}
+
 py::object pool_stats(Pool& pool) {
   PoolFigures f;
   {
@@ -82,8 +86,10 @@ py::object pool_stats(Pool& pool) {
       py::arg("bytes_released_by_time") = f.bytes_released_by_time, py::arg("fallbacks") = f.fallbacks,
       py::arg("working_set_bytes") = f.working_set_bytes, py::arg("max_cached_bytes") = optional_int(f.max_cached_bytes),
       py::arg("max_bytes") = optional_int(f.max_bytes), py::arg("release_after") = f.release_after,
-      py::arg("release_idle_s") = f.release_idle_us == kNone ? py::object(py::none())
-                                                             : py::object(py::float_(f.release_idle_us * 1e-6)));
+      py::arg("release_idle_s") = seconds_or_none(f.release_idle_us),
+      py::arg("bytes_released_by_pressure") = f.bytes_released_by_pressure, py::arg("refaults") = f.refaults,
+      py::arg("bytes_refaulted") = f.bytes_refaulted, py::arg("hold_after") = f.hold_after,
+      py::arg("hold_idle_s") = seconds_or_none(f.hold_idle_us), py::arg("learning") = f.learn_after || f.learn_idle);
 }
 
 struct BlockCopy {
@@ -282,10 +288,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              auto pool = std::make_shared<Pool>(device);
              int64_t cap = limit_of(limits, "max_cached_bytes"), max_bytes = limit_of(limits, "max_bytes");
              int64_t after = limits.attr("release_after").cast<int64_t>(), idle = micros_of(limits, "release_idle_s");
+             bool learn_after = limits.attr("learn_after").cast<bool>(), learn_idle = limits.attr("learn_idle").cast<bool>();
              Deferred out;
              {
                std::lock_guard<std::mutex> lock(g_mu);
-               pool->configure(cap, max_bytes, after, idle, out);
+               pool->configure(cap, max_bytes, after, learn_after, idle, learn_idle, out);
              }
              out.run();
              register_pool(pool);
@@ -296,12 +303,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            [](Pool& pool, const py::object& limits) {
              int64_t cap = limit_of(limits, "max_cached_bytes"), max_bytes = limit_of(limits, "max_bytes");
              int64_t after = limits.attr("release_after").cast<int64_t>(), idle = micros_of(limits, "release_idle_s");
+             bool learn_after = limits.attr("learn_after").cast<bool>(), learn_idle = limits.attr("learn_idle").cast<bool>();
              Deferred out;
              {
                py::gil_scoped_release release;
                {
                  std::lock_guard<std::mutex> lock(g_mu);
-                 pool.configure(cap, max_bytes, after, idle, out);
+                 pool.configure(cap, max_bytes, after, learn_after, idle, learn_idle, out);
                }
                out.run();
              }

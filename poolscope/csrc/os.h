@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 namespace poolscope::os {
 
@@ -23,5 +24,20 @@ size_t drop_pages(char* addr, size_t size);
 // unaligned start with EINVAL, as madvise does.
 void simulate_page_size(size_t page);
 int64_t refused_drops();  // calls the (real or simulated) kernel refused, since the process started
+
+// Memory pressure (pressure.cpp). Read: /proc/meminfo (MemAvailable of MemTotal) and, from
+// /proc/self/cgroup, this process's memory cgroup and its ancestors: cgroup v2 memory.current
+// against memory.high and memory.max, cgroup v1 memory.usage_in_bytes against
+// memory.limit_in_bytes, less the inactive file cache (memory.stat) that the kernel reclaims
+// first. Low: under a tenth of a limit left, by the tightest of them.
+struct MemoryReading {
+  bool low = false;
+  int64_t available = -1;  // bytes left under the tightest limit (-1: no reading)
+  int64_t limit = -1;      // that limit
+  std::string source;      // the file it came from
+};
+MemoryReading read_memory();
+// Test hook: read those files under `root` instead of "/" ("" : the real ones again).
+void set_memory_root(const std::string& root);
 
 }  // namespace poolscope::os

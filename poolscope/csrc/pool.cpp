@@ -36,9 +36,22 @@ int64_t now_us() {
   return duration_cast<microseconds>(system_clock::now().time_since_epoch()).count();
 }
 
+namespace {
+std::atomic<int64_t> g_test_clock{-1};
+}  // namespace
+
 int64_t mono_us() {
   using namespace std::chrono;
-  return duration_cast<microseconds>(steady_clock::now().time_since_epoch()).count();
+  const int64_t fake = g_test_clock.load(std::memory_order_relaxed);
+  return fake >= 0 ? fake : duration_cast<microseconds>(steady_clock::now().time_since_epoch()).count();
+}
+
+bool test_clock_set() {
+  return g_test_clock.load(std::memory_order_relaxed) >= 0;
+}
+
+void set_test_clock(int64_t us) {
+  g_test_clock.store(us, std::memory_order_relaxed);
 }
 
 void Deferred::run() {
@@ -92,7 +105,11 @@ Block* Pool::take(size_t size, size_t room) {
   Block* block = *it;
   free_blocks.erase(it);
   bytes_cached -= block->committed;
+  const size_t resident = std::min(size, block->committed);  // its front part is lent (an estimate)
   lend_from(block, size, room);
+  if (resident < size) {
+    note_faulted(size - resident, mono_us());
+  }
   return block;
 }
 
@@ -154,9 +171,7 @@ void Pool::free_block(Block* block, Deferred& out) {
   block->state = BlockState::free;
   const int64_t freed_us = block->freed_us;
   insert_free(block);
-  if (release_idle_us != kNone) {
-    note_cached_locked(this, freed_us, out);
-  }
+  note_cached_locked(this, freed_us, out);  // the idle clock and the pressure watch
   if (max_cached != kNone && bytes_cached > static_cast<size_t>(max_cached)) {
     release_down_to(static_cast<size_t>(max_cached), out);
   }
@@ -215,7 +230,7 @@ void Pool::after_fork_child() {
   decommitting.clear();
 }
 
-void Pool::release_down_to(size_t budget, Deferred& out) {
+void Pool::release_down_to(size_t budget, Deferred& out, Reason reason) {
   // With no budget left, wholly free segments go too, resident or not.
   auto whole = [](const Block* b) { return b->prev == nullptr && b->next == nullptr; };
   auto wanted = [&](const Block* b) {
@@ -233,7 +248,7 @@ void Pool::release_down_to(size_t budget, Deferred& out) {
   });
   for (Block* block : candidates) {
     if (wanted(block)) {
-      release_block(block, out);
+      release_block(block, out, reason);
     }
   }
 }
@@ -278,6 +293,11 @@ void Pool::release_block(Block* block, Deferred& out, Reason reason) {
     bytes_released_by_exits += static_cast<int64_t>(block->committed);
   } else if (reason == Reason::time) {
     bytes_released_by_time += static_cast<int64_t>(block->committed);
+  } else if (reason == Reason::pressure) {
+    bytes_released_by_pressure += static_cast<int64_t>(block->committed);
+  }
+  if (reason == Reason::exits || reason == Reason::time) {
+    note_released(block, mono_us());
   }
   releases += 1;
   if (block->prev == nullptr && block->next == nullptr) {
@@ -303,11 +323,11 @@ size_t Pool::working_set() const {
 }
 
 void Pool::release_stale(Deferred& out) {
-  // Free memory that no lend of the last `release_after` outermost-scope exits reused.
+  // Free memory that no lend of the last `hold_after` outermost-scope exits reused.
   std::vector<Block*> idle;
   for (Block* block : free_blocks) {
     bool whole = block->prev == nullptr && block->next == nullptr;
-    bool stale = release_after <= 0 || block->freed_at_exit + static_cast<uint64_t>(release_after) < exits;
+    bool stale = hold_after <= 0 || block->freed_at_exit + static_cast<uint64_t>(hold_after) < exits;
     if (stale && (block->committed > 0 || whole)) {
       idle.push_back(block);
     }
@@ -318,7 +338,7 @@ void Pool::release_stale(Deferred& out) {
 }
 
 int64_t Pool::release_expired(int64_t now, Deferred& out) {
-  if (release_idle_us == kNone) {
+  if (hold_idle_us == kNone) {
     return INT64_MAX;
   }
   int64_t next = INT64_MAX;
@@ -328,7 +348,7 @@ int64_t Pool::release_expired(int64_t now, Deferred& out) {
     if (block->committed == 0 && !whole) {
       continue;  // holds nothing resident
     }
-    const int64_t due = deadline_after(block->freed_us, release_idle_us);
+    const int64_t due = deadline_after(block->freed_us, hold_idle_us);
     if (due <= now) {
       idle.push_back(block);
     } else {
@@ -350,7 +370,7 @@ void Pool::tick(Deferred& out) {
   recent_peaks.emplace_back(exits, peak);
   exits += 1;
   while (!recent_peaks.empty() &&
-         (release_after <= 0 || recent_peaks.front().first + static_cast<uint64_t>(release_after) < exits)) {
+         (hold_after <= 0 || recent_peaks.front().first + static_cast<uint64_t>(hold_after) < exits)) {
     recent_peaks.pop_front();
   }
   window_peak = bytes_in_use;
@@ -378,17 +398,25 @@ void Pool::record_segment(const char* action, const Segment* segment) {
   }
 }
 
-void Pool::configure(int64_t cap, int64_t limit, int64_t after, int64_t idle_us, Deferred& out) {
+void Pool::configure(int64_t cap, int64_t limit, int64_t after, bool learn_exits, int64_t idle_us, bool learn_time,
+                     Deferred& out) {
   max_cached = cap;
   max_bytes = limit;
+  const bool clocks_changed =
+      after != release_after || learn_exits != learn_after || idle_us != release_idle_us || learn_time != learn_idle;
   release_after = after;
   release_idle_us = idle_us;
+  learn_after = learn_exits;
+  learn_idle = learn_time;
+  if (clocks_changed) {
+    forget_learned();
+  }
   if (max_cached != kNone) {
     release_down_to(static_cast<size_t>(max_cached), out);
   }
-  if (release_idle_us != kNone) {
+  if (hold_idle_us != kNone) {
     // Blocks cached before the setting: the releaser must see their deadlines too.
-    note_cached_locked(this, mono_us() - release_idle_us, out);
+    note_cached_locked(this, mono_us() - hold_idle_us, out);
     wake_releaser_locked();
   }
 }
@@ -417,6 +445,13 @@ PoolFigures Pool::figures() const {
   f.bytes_released = bytes_released;
   f.bytes_released_by_exits = bytes_released_by_exits;
   f.bytes_released_by_time = bytes_released_by_time;
+  f.bytes_released_by_pressure = bytes_released_by_pressure;
+  f.refaults = refaults;
+  f.bytes_refaulted = bytes_refaulted;
+  f.hold_after = hold_after;
+  f.hold_idle_us = hold_idle_us;
+  f.learn_after = learn_after;
+  f.learn_idle = learn_idle;
   f.fallbacks = fallbacks;
   f.working_set_bytes = static_cast<int64_t>(working_set());
   f.max_cached_bytes = max_cached;

@@ -10,10 +10,17 @@
 // Algorithm. A request is rounded up to kGranule and served by best fit (the smallest free
 // block that fits, lowest address among equals), split when the rest is worth keeping (within
 // 1.25x of the request, no crumbs); with no fit the pool grows by a segment sized in classes of
-// 1, 1.25, 1.5, 1.75 x 2^k. A freed block merges with its free neighbours. Retention: cached
-// memory no lend reused during the last `release_after` outermost exits is released
-// (release_stale), and so is memory nothing used for `release_idle_us` (release_expired, from
-// the releaser thread); caps (max_cached, max_bytes) release oldest first (release_down_to).
+// 1, 1.25, 1.5, 1.75 x 2^k. A freed block merges with its free neighbours.
+//
+// Retention (retention.cpp). Two clocks release cached memory: memory no lend reused during the
+// last `hold_after` outermost exits (release_stale) and memory nothing used for `hold_idle_us`
+// (release_expired, from the releaser thread). A clock the user set is fixed (hold == setting).
+// A clock left to learn starts at its setting and learns from what follows a release: when a
+// lend faults in memory within the bytes the clocks released, the pause since that memory was
+// last used belonged to the traffic, and the clock becomes twice that pause, within [setting,
+// kLearnLimit x setting]; a pause past that bound is the end of work and the clock starts over.
+// Low memory (pressure.cpp) releases every cached block at once and starts the clocks over.
+// Caps (max_cached, max_bytes) release oldest first (release_down_to).
 //
 // Invariants (under g_mu; check_invariants() asserts them in debug builds):
 //  1. Every block of a segment is in exactly one state: allocated (in the allocator's registry
@@ -59,6 +66,7 @@ constexpr size_t kMinSegment = size_t{2} << 20;
 constexpr size_t kMaxLend = size_t{1} << 62;  // larger requests are never pooled (no pool could hold one)
 constexpr size_t kTraceLimit = 100000;      // events kept per pool while profiling
 constexpr int64_t kNone = -1;               // "no limit" for the int64 settings below
+constexpr int64_t kLearnLimit = 32;         // a learned clock holds at most this many times its setting
 
 struct Pool;
 struct Scope;
@@ -128,12 +136,15 @@ struct PoolFigures {
   int64_t bytes_in_use = 0, bytes_requested = 0, bytes_cached = 0, bytes_reserved = 0, peak_bytes_in_use = 0;
   int64_t blocks_in_use = 0, blocks_cached = 0, segments = 0;
   int64_t hits = 0, misses = 0, releases = 0, bytes_released = 0, fallbacks = 0;
-  int64_t bytes_released_by_exits = 0, bytes_released_by_time = 0, working_set_bytes = 0;
+  int64_t bytes_released_by_exits = 0, bytes_released_by_time = 0, bytes_released_by_pressure = 0;
+  int64_t working_set_bytes = 0, refaults = 0, bytes_refaulted = 0;
   int64_t max_cached_bytes = kNone, max_bytes = kNone, release_after = 0, release_idle_us = kNone;
+  int64_t hold_after = 0, hold_idle_us = kNone;
+  bool learn_after = false, learn_idle = false;
 };
 
 // Why cached memory is released to the system (a figure per reason).
-enum class Reason { other, exits, time };
+enum class Reason { other, exits, time, pressure };
 
 struct Pool : std::enable_shared_from_this<Pool> {
   explicit Pool(std::string device) : device(std::move(device)) {}
@@ -143,8 +154,19 @@ struct Pool : std::enable_shared_from_this<Pool> {
   // Settings (under g_mu).
   int64_t max_cached = kNone;
   int64_t max_bytes = kNone;
-  int64_t release_after = 100;  // outermost-scope exits that size the working set
-  int64_t release_idle_us = kNone;  // cached memory unused this long goes back (releaser.cpp)
+  int64_t release_after = 100;      // the exits clock's setting
+  int64_t release_idle_us = kNone;  // the idle clock's setting (kNone: no idle clock)
+  bool learn_after = false;         // the clocks left to learn from the traffic
+  bool learn_idle = false;
+  // The clocks in force (retention.cpp): the settings, or what the pool learned.
+  int64_t hold_after = 100;  // cached memory no lend reused during this many outermost exits goes back
+  int64_t hold_idle_us = kNone;  // cached memory unused this long goes back (releaser.cpp)
+  // Memory the clocks released that no lend has faulted in again yet, and the latest moment
+  // (time, exits) any of it was in use; learning reads them at the next lend that faults.
+  size_t unreturned = 0;
+  int64_t unreturned_since_us = 0, released_at_us = 0;
+  uint64_t unreturned_since_exit = 0;
+  int64_t refaults = 0, bytes_refaulted = 0, bytes_released_by_pressure = 0;
 
   // Everything below is under g_mu.
   std::set<Block*, BySizeThenAddress> free_blocks;
@@ -178,7 +200,7 @@ struct Pool : std::enable_shared_from_this<Pool> {
   // or not: counted as cached, an upper bound).
   void after_fork_child();
   // Give back free memory, oldest first, until at most `budget` bytes may stay resident.
-  void release_down_to(size_t budget, Deferred& out);
+  void release_down_to(size_t budget, Deferred& out, Reason reason = Reason::other);
   void release_segments_smaller_than(size_t size, Deferred& out);
   void release_block(Block* block, Deferred& out, Reason reason = Reason::other);
   // Give back free memory that no lend of the last `release_after` outermost exits reused.
@@ -187,12 +209,17 @@ struct Pool : std::enable_shared_from_this<Pool> {
   // block will be (INT64_MAX: none will).
   int64_t release_expired(int64_t now, Deferred& out);
   void tick(Deferred& out);  // an outermost scope exited
+  // Retention (retention.cpp): a clock released `block`; a lend faulted in `bytes` that were
+  // not resident; low memory made the pool release its cache and start its clocks over.
+  void note_released(const Block* block, int64_t now);
+  void note_faulted(size_t bytes, int64_t now);
+  void forget_learned();
   size_t working_set() const;
   void record(const char* action, const Block* block, const Context& context);
   void record_segment(const char* action, const Segment* segment);
   // Settings from Python; lowering a cap or turning on release_idle acts at once.
-  void configure(int64_t max_cached, int64_t max_bytes, int64_t release_after, int64_t release_idle_us,
-                 Deferred& out);
+  void configure(int64_t max_cached, int64_t max_bytes, int64_t release_after, bool learn_after,
+                 int64_t release_idle_us, bool learn_idle, Deferred& out);
   // Release every cached block (everything), or what no recent exit reused (release_stale).
   void release(bool everything, Deferred& out);
   PoolFigures figures() const;
@@ -208,13 +235,18 @@ inline int64_t deadline_after(int64_t start_us, int64_t delay_us) {
 }
 
 int64_t now_us();   // wall clock (trace events)
-int64_t mono_us();  // steady clock (idle times)
+int64_t mono_us();  // steady clock (idle times), or the test clock while a test sets one
+bool test_clock_set();
+void set_test_clock(int64_t us);  // test hook: mono_us() returns `us` (-1: the real clock again)
 
 // The background releaser (releaser.cpp). Under g_mu: a block of `pool` became free at freed_us.
 void note_cached_locked(Pool* pool, int64_t freed_us, Deferred& out);
 void wake_releaser_locked();   // a pool's release_idle changed
 void start_releaser();         // without g_mu; from Deferred::run
 void releaser_after_fork_child();  // in a forked child, under g_mu: the thread did not come along
+// Under g_mu, once the system or the cgroup is low on memory (os::memory_low): every pool
+// releases its cache and its clocks start over (retention.cpp).
+void release_under_pressure_locked(const std::vector<std::shared_ptr<Pool>>& pools, Deferred& out);
 std::vector<std::shared_ptr<Pool>> live_pools_locked();  // every pool alive (allocator.cpp)
 
 }  // namespace poolscope

@@ -71,6 +71,36 @@ void register_test_hooks(py::module_& m) {
       py::arg("pool"), py::arg("value"));
   t.def("refused_drops", &os::refused_drops);
   t.def(
+      "set_clock", [](double seconds) { set_test_clock(seconds < 0 ? -1 : static_cast<int64_t>(seconds * 1e6)); },
+      py::arg("seconds"),
+      "The pools' steady clock reads `seconds` (negative: the real clock again); meanwhile the releaser "
+      "thread leaves the clocks to run_clocks.");
+  t.def(
+      "run_clocks",
+      []() {
+        // What the releaser does at its deadlines, now, on the calling thread.
+        Deferred out;
+        {
+          std::lock_guard<std::mutex> lock(g_mu);
+          const int64_t now = mono_us();
+          for (auto& pool : live_pools_locked()) {
+            pool->release_expired(now, out);
+            out.pools.push_back(pool);
+          }
+        }
+        out.run();
+      },
+      py::call_guard<py::gil_scoped_release>());
+  t.def("set_memory_root", &os::set_memory_root, py::arg("root"),
+        "Read /proc and /sys/fs/cgroup under this folder (\"\": the real ones).");
+  t.def(
+      "read_memory",
+      []() {
+        os::MemoryReading r = os::read_memory();
+        return py::dict(py::arg("low") = r.low, py::arg("available") = r.available, py::arg("limit") = r.limit,
+                        py::arg("source") = r.source);
+      });
+  t.def(
       "try_allocate",
       [](size_t nbytes) -> std::optional<std::string> {
         // The CPU allocator called as C++ code calls it, with any size_t. Runs without the GIL:

@@ -32,12 +32,18 @@ __all__ = [
 
 @dataclass(frozen=True)
 class PoolLimits:
-    """A pool's validated settings; ``None`` means no limit (or, for ``release_idle_s``, never)."""
+    """A pool's validated settings; ``None`` means no limit (or, for ``release_idle_s``, never).
+
+    ``learn_after`` and ``learn_idle``: that clock starts at its setting and learns from the
+    traffic (the native engine; others keep the setting).
+    """
 
     max_cached_bytes: Optional[int] = None
     max_bytes: Optional[int] = None
     release_after: int = 100
     release_idle_s: Optional[float] = None
+    learn_after: bool = False
+    learn_idle: bool = False
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ class _Pool:
 
 def empty_pool_stats(device: str, limits: PoolLimits, **figures: int) -> PoolStats:
     """The figures of a pool that holds nothing, but ``figures`` and its limits."""
-    zero = dict.fromkeys(
+    zero: dict[str, Any] = dict.fromkeys(
         "bytes_in_use bytes_requested bytes_cached bytes_reserved peak_bytes_in_use blocks_in_use blocks_cached "
         "segments hits misses releases bytes_released bytes_released_by_exits bytes_released_by_time fallbacks "
         "working_set_bytes".split(),
@@ -49,6 +49,7 @@ def empty_pool_stats(device: str, limits: PoolLimits, **figures: int) -> PoolSta
     return PoolStats(
         device=device, **{**zero, **figures}, max_cached_bytes=limits.max_cached_bytes, max_bytes=limits.max_bytes,
         release_after=limits.release_after, release_idle_s=limits.release_idle_s,
+        hold_after=limits.release_after, hold_idle_s=limits.release_idle_s,
     )
 
 
