@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from ._diagnostics import warn_at_caller
 from ._forksafe import ForkSafeLock
@@ -105,8 +105,10 @@ def report() -> str:
     exceed one call's peak); escaped (tensors alive at a call's exit, summed);
     fallbacks (served by the ordinary allocator); alloc ms (time in the pool).
     Under the table, one line per pool that released memory to the system:
-    what it holds cached now, what no allocation reused for ``release_after``
-    exits, and what sat idle for ``release_idle_s`` seconds.
+    what it holds cached now, what no allocation reused for ``hold_after``
+    exits, what sat idle for ``hold_idle_s`` seconds and what low memory took
+    (the clocks in force now), how much of it lends faulted in again, and
+    whether the clocks learned longer holds than their settings.
 
     Returns:
         The table as a string (a header line only when nothing was recorded).
@@ -139,17 +141,33 @@ def report() -> str:
 
 
 def _released_lines() -> list[str]:
-    """One line per pool that released memory by exits or by idle time (none otherwise)."""
+    """One line per pool that released memory by its clocks or under pressure (none otherwise)."""
     lines = []
     for pool in all_pools():
-        stats = pool.stats()
-        if stats.bytes_released_by_exits or stats.bytes_released_by_time:
-            lines.append(
-                f"pool {stats.device}: {_mib(stats.bytes_cached)} MiB cached; released "
-                f"{_mib(stats.bytes_released_by_exits)} MiB unused for {stats.release_after} exits, "
-                f"{_mib(stats.bytes_released_by_time)} MiB idle for {stats.release_idle_s or 0:g} s"
-            )
+        s = pool.stats()
+        if not (s.bytes_released_by_exits or s.bytes_released_by_time or s.bytes_released_by_pressure):
+            continue
+        line = (
+            f"pool {s.device}: {_mib(s.bytes_cached)} MiB cached; released {_mib(s.bytes_released_by_exits)} MiB "
+            f"by the exits clock, {_mib(s.bytes_released_by_time)} MiB by the idle clock"
+        )
+        if s.bytes_released_by_pressure:
+            line += f", {_mib(s.bytes_released_by_pressure)} MiB under memory pressure"
+        lends = "lend" if s.refaults == 1 else "lends"
+        line += f"; {s.refaults} {lends} faulted {_mib(s.bytes_refaulted)} MiB of it in again"
+        line += f"; clocks {s.hold_after} exits and {_seconds(s.hold_idle_s)}"
+        if not s.learning:
+            line += " (fixed)"
+        elif (s.hold_after, s.hold_idle_s) != (s.release_after, s.release_idle_s):
+            line += f" (learned; settings {s.release_after} exits and {_seconds(s.release_idle_s)})"
+        else:
+            line += " (learning)"
+        lines.append(line)
     return lines
+
+
+def _seconds(value: Optional[float]) -> str:
+    return "never" if value is None else f"{value:g} s"
 
 
 def reset_report() -> None:

@@ -51,7 +51,8 @@ def test_report_accumulates_named_scopes_sorted_by_bytes():
     text = poolscope.report()
     # The table; under it, one line per pool that gave memory back (shared pools may have).
     lines = [line for line in text.splitlines() if not line.startswith("pool ")]
-    assert all(re.match(r"pool cpu: .* MiB cached; released .* MiB unused for \d+ exits, .* MiB idle for", line)
+    assert all(re.match(r"pool cpu: .* MiB cached; released .* MiB by the exits clock, .* MiB by the idle clock; \d+ lends? faulted .* MiB "
+                 r"of it in again; clocks \d+ exits and (\d+(\.\d+)? s|never) \((fixed|learning|learned; settings .*)\)", line)
                for line in text.splitlines() if line.startswith("pool "))
     assert lines[0].split() == [
         "scope", "calls", "routed", "MiB", "routed", "hit", "rate", "peak", "MiB", "live", "MiB", "escaped", "fallbacks",
