@@ -4,6 +4,8 @@ behaviour that, missing, was a silent corruption or a hang (see docs/guarantees.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,7 +15,7 @@ import torch
 
 import poolscope
 from poolscope.engines import engine_for
-from helpers import MiB
+from helpers import MiB, ROOT
 
 pytestmark = pytest.mark.pools
 SIZE_MAX = (1 << 64) - 1
@@ -174,3 +176,85 @@ def test_a_foreign_exception_from_the_replaced_allocator_does_not_block_later_gr
     stats = pool.stats()
     assert stats.fallbacks == 1 and stats.blocks_in_use == 3, stats
     del x, ys
+
+
+FAIL_NEW_CHILD = textwrap.dedent("""
+    import ctypes, gc, sys, torch, poolscope
+    lib = ctypes.CDLL(None)  # the preloaded fail_new library is in the global scope
+    arm, calls = lib.poolscope_fail_new_arm, lib.poolscope_fail_new_calls
+    calls.restype = ctypes.c_long
+    MiB = 1 << 20
+
+    def consistent(pool, where):
+        gc.collect()
+        s = pool.stats()
+        assert s.bytes_in_use == 0 and s.blocks_in_use == 0, (where, s)
+        assert s.bytes_cached >= 0 and s.bytes_reserved == s.bytes_cached, (where, s)
+        listed = sum(b["size"] for seg in pool.segments() for b in seg["blocks"])
+        assert listed == sum(seg["total_size"] for seg in pool.segments()), where
+        pool.empty_cache()  # a block lost from the free set would keep its segment
+        s = pool.stats()
+        assert s.segments == 0 and s.bytes_cached == 0, (where, s)
+
+    # A lend at each of its allocations: every step before the pool changes, or none.
+    for case, (cached, size) in {"split": (8 * MiB, 2 * MiB), "grow": (0, 3 * MiB), "whole": (2 * MiB, 2 * MiB)}.items():
+        pool = poolscope.TensorPool("cpu")
+        failed_somewhere = 0
+        for n in range(1, 400):
+            if cached:
+                with poolscope.pool_scope(pool=pool):
+                    torch.empty(cached, dtype=torch.uint8)
+            with poolscope.pool_scope(pool=pool):
+                arm(n)
+                try:
+                    x = torch.empty(size, dtype=torch.uint8)
+                    x.fill_(1)
+                    ok = True
+                except (RuntimeError, MemoryError):
+                    ok = False
+                finally:
+                    made = calls()
+                    arm(0)
+                x = None
+            failed_somewhere += not ok
+            consistent(pool, (case, n))
+            if made < n:  # the n-th allocation never came: every one of them was tried
+                break
+        print(case, n, failed_somewhere)
+
+    # A free at each allocation it might make: a free runs in a deleter and must not fail.
+    pool = poolscope.TensorPool("cpu", max_cached_bytes="4MiB")
+    for n in range(1, 60):
+        with poolscope.pool_scope(pool=pool):
+            with poolscope.pool_scope(pool=pool):
+                xs = [torch.empty(3 * MiB, dtype=torch.uint8) for _ in range(3)]
+        arm(n)
+        del xs  # frees: scopes' figures, merges, the cap's release
+        made = calls()
+        arm(0)
+        consistent(pool, ("free", n))
+    print("free", made)
+""")
+
+
+def test_running_out_of_memory_at_any_allocation_of_a_lend_or_a_free_loses_nothing(tmp_path):
+    # Every `operator new` of the engine in a lend fails in turn (a preloaded replacement counts them): the
+    # pool stays consistent and gives all its memory back. A free must never fail (it runs in a
+    # deleter: std::terminate): what it may allocate (releasing past max_cached_bytes) is skipped
+    # when memory runs out, and the cap holds again at the next free.
+    library = tmp_path / "libfail_new.so"
+    source = ROOT / "tests" / "tools" / "fail_new.cpp"
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ to build the failing operator new")
+    build = subprocess.run(["g++", "-O1", "-shared", "-fPIC", "-std=c++17", "-o", str(library), str(source), "-ldl"],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", FAIL_NEW_CHILD], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "LD_PRELOAD": str(library)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()}
+    for case in ("split", "grow", "whole"):
+        tried, failures = map(int, results[case])
+        assert failures >= 1 and tried > failures, (case, tried, failures)  # some allocations failed; the lend ran to the end
+    # The frees' allocations (the cap's list of blocks to release) each failed in turn, and no free failed.
+    assert 0 < int(results["free"][0]) < 59

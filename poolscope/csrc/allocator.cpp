@@ -9,6 +9,7 @@
 // raw_allocate/raw_deallocate interface that kernels such as oneDNN's use works.
 #include "scope.h"
 #include "os.h"
+#include "owned.h"
 #include "torch_compat.h"
 
 #include <c10/core/CPUAllocator.h>
@@ -86,8 +87,19 @@ struct PoolscopeAllocator final : c10::Allocator {
 
 PoolscopeAllocator& g_allocator = *new PoolscopeAllocator();
 
+void free_raw(void* ptr) {
+  // Not a pooled block: memory the replaced allocator handed out through raw_allocate.
+  c10::DeleterFnPtr raw = g_replaced_raw.load(std::memory_order_acquire);
+  TORCH_INTERNAL_ASSERT(raw != nullptr, "poolscope: the replaced CPU allocator has no raw deleter");
+  raw(ptr);
+}
+
 void free_ptr(void* ptr) {
   if (ptr == nullptr) {
+    return;
+  }
+  if (!owned::maybe(ptr)) {  // in no pool's segment: no lock, no registry
+    free_raw(ptr);
     return;
   }
   Deferred out;
@@ -100,8 +112,8 @@ void free_ptr(void* ptr) {
       for (auto& scope : block->charged) {
         scope->bytes_in_use -= static_cast<int64_t>(block->size);
         scope->blocks_in_use -= 1;
-        out.scopes.push_back(std::move(scope));
       }
+      out.charged = std::move(block->charged);  // no allocation: a free runs in a deleter and must not fail
       block->charged.clear();
       Pool* pool = block->pool;
       if (block->context) {
@@ -116,10 +128,7 @@ void free_ptr(void* ptr) {
   }
   out.run();
   if (ptr != nullptr) {
-    // Not a pooled block: memory the replaced allocator handed out through raw_allocate.
-    c10::DeleterFnPtr raw = g_replaced_raw.load(std::memory_order_acquire);
-    TORCH_INTERNAL_ASSERT(raw != nullptr, "poolscope: the replaced CPU allocator has no raw deleter");
-    raw(ptr);
+    free_raw(ptr);
   }
 }
 
@@ -250,6 +259,7 @@ size_t physical_memory() {
 // pool's max_bytes bounds the bytes of its segments (lent, cached, or mapped and not yet
 // touched): every one of them can be lent without another check.
 Block* grow_locked(std::unique_lock<std::mutex>& lock, Pool* pool, size_t size, size_t room) {
+  pool->make_spare();  // for splitting the new segment's block; may throw before anything changed
   // Giving back cached memory helps only a request that could fit in this machine's memory (and
   // in max_bytes) at all; for an impossible one it would only throw the working set away.
   const bool could_fit =

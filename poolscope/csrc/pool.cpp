@@ -1,9 +1,11 @@
 // Pools (pool.h states the algorithm and the invariants).
 #include "pool.h"
 #include "os.h"
+#include "owned.h"
 
 #include <algorithm>
 #include <chrono>
+#include <new>
 
 namespace poolscope {
 
@@ -18,6 +20,15 @@ size_t round_up(size_t n, size_t to) {
 // A merged block is as idle as its most idle resident part: memory a loop keeps reusing must
 // not lend its recency to a neighbour nobody touches (a one-off spike's segment). Parts whose
 // pages were already dropped cost nothing and do not count.
+// A block with the free set's node for it: inserting it later allocates nothing.
+std::unique_ptr<Block> block_with_node() {
+  auto block = std::make_unique<Block>();
+  FreeSet scratch;
+  scratch.insert(block.get());
+  block->node = scratch.extract(scratch.begin());
+  return block;
+}
+
 template <typename T>
 T most_idle(const Block* a, const Block* b, T Block::*when) {
   if (a->committed == 0) {
@@ -77,6 +88,7 @@ void Deferred::run() {
   }
   decommit_blocks.clear();
   scopes.clear();
+  charged.clear();
   context.reset();
   pool.reset();
   pools.clear();
@@ -90,9 +102,41 @@ Pool::~Pool() {
       delete block;
     }
     free_blocks.clear();
+    for (const auto& segment : segments) {
+      owned::remove(segment->base, segment->size);
+    }
     out.segments = std::move(segments);
   }
   out.run();
+}
+
+void Pool::make_spare() {
+  if (!spare) {
+    spare = block_with_node();
+  }
+}
+
+void Pool::put_free(Block* block) {
+  if (block->node) {
+    free_blocks.insert(std::move(block->node));
+  } else {
+    free_blocks.insert(block);  // not reached: every block is made with its node
+  }
+}
+
+void Pool::take_free(Block* block) {
+  block->node = free_blocks.extract(block);
+}
+
+void Pool::discard(Block* block) {
+  if (spare) {
+    delete block;
+    return;
+  }
+  FreeSet::node_type node = std::move(block->node);
+  *block = Block();
+  block->node = std::move(node);
+  spare.reset(block);
 }
 
 Block* Pool::take(size_t size, size_t room) {
@@ -102,8 +146,9 @@ Block* Pool::take(size_t size, size_t room) {
   if (it == free_blocks.end()) {
     return nullptr;
   }
+  make_spare();  // the one step that may throw, before anything changes
   Block* block = *it;
-  free_blocks.erase(it);
+  block->node = free_blocks.extract(it);
   bytes_cached -= block->committed;
   const size_t resident = std::min(size, block->committed);  // its front part is lent (an estimate)
   lend_from(block, size, room);
@@ -117,8 +162,8 @@ void Pool::lend_from(Block* block, size_t size, size_t room) {
   size_t rest = block->size - size;
   // Keep a lent block within 1.25x of its request, and never split off crumbs, unless lending
   // it whole would pass a scope's max_bytes (sizes are granules, so a rest is one at least).
-  if (rest >= kGranule && (rest >= std::min(size / 4, kMinSplit) || block->size > room)) {
-    auto* remainder = new Block;
+  if (spare && rest >= kGranule && (rest >= std::min(size / 4, kMinSplit) || block->size > room)) {
+    Block* remainder = spare.release();
     remainder->pool = this;
     remainder->segment = block->segment;
     remainder->addr = block->addr + size;
@@ -134,7 +179,7 @@ void Pool::lend_from(Block* block, size_t size, size_t room) {
     remainder->freed_us = block->freed_us;
     remainder->committed = std::min(rest, block->committed);
     block->size = size;
-    free_blocks.insert(remainder);
+    put_free(remainder);
     bytes_cached += remainder->committed;
   }
   block->state = BlockState::allocated;
@@ -143,10 +188,13 @@ void Pool::lend_from(Block* block, size_t size, size_t room) {
 
 Block* Pool::add_segment(c10::DataPtr memory, size_t size) {
   auto segment = std::make_unique<Segment>();
+  auto block_memory = block_with_node();
+  segments.reserve(segments.size() + 1);
+  owned::add(static_cast<char*>(memory.get()), size);  // the last step that may throw
   segment->base = static_cast<char*>(memory.get());
   segment->size = size;
   segment->memory = std::move(memory);
-  auto* block = new Block;
+  Block* block = block_memory.release();
   block->pool = this;
   block->segment = segment.get();
   block->addr = segment->base;
@@ -173,7 +221,10 @@ void Pool::free_block(Block* block, Deferred& out) {
   insert_free(block);
   note_cached_locked(this, freed_us, out);  // the idle clock and the pressure watch
   if (max_cached != kNone && bytes_cached > static_cast<size_t>(max_cached)) {
-    release_down_to(static_cast<size_t>(max_cached), out);
+    try {
+      release_down_to(static_cast<size_t>(max_cached), out);
+    } catch (const std::bad_alloc&) {  // a free must not fail: the cap holds again at the next one
+    }
   }
   POOLSCOPE_CHECK(this);
 }
@@ -182,7 +233,7 @@ void Pool::insert_free(Block* block) {
   // Merge with free neighbours, so that smaller requests and larger ones share memory.
   Block* prev = block->prev;
   if (prev != nullptr && prev->state == BlockState::free) {
-    free_blocks.erase(prev);
+    take_free(prev);
     bytes_cached -= prev->committed;
     prev->freed_at_exit = most_idle(prev, block, &Block::freed_at_exit);
     prev->freed_us = most_idle(prev, block, &Block::freed_us);
@@ -192,12 +243,12 @@ void Pool::insert_free(Block* block) {
     if (block->next != nullptr) {
       block->next->prev = prev;
     }
-    delete block;
+    discard(block);
     block = prev;
   }
   Block* next = block->next;
   if (next != nullptr && next->state == BlockState::free) {
-    free_blocks.erase(next);
+    take_free(next);
     bytes_cached -= next->committed;
     block->freed_at_exit = most_idle(block, next, &Block::freed_at_exit);
     block->freed_us = most_idle(block, next, &Block::freed_us);
@@ -207,9 +258,9 @@ void Pool::insert_free(Block* block) {
     if (next->next != nullptr) {
       next->next->prev = block;
     }
-    delete next;
+    discard(next);
   }
-  free_blocks.insert(block);
+  put_free(block);
   bytes_cached += block->committed;
 }
 
@@ -286,7 +337,15 @@ void Pool::release_segments_smaller_than(size_t size, Deferred& out) {
 
 void Pool::release_block(Block* block, Deferred& out, Reason reason) {
   // `block` is free: give its memory back, the whole segment when it is all free, else its pages.
-  free_blocks.erase(block);
+  // Room first: running out of memory here must leave the block where it was.
+  const bool whole = block->prev == nullptr && block->next == nullptr;
+  if (whole) {
+    out.segments.reserve(out.segments.size() + 1);
+  } else {
+    decommitting.reserve(decommitting.size() + 1);
+    out.decommit_blocks.reserve(out.decommit_blocks.size() + 1);
+  }
+  take_free(block);
   bytes_cached -= block->committed;
   bytes_released += static_cast<int64_t>(block->committed);
   if (reason == Reason::exits) {
@@ -300,14 +359,15 @@ void Pool::release_block(Block* block, Deferred& out, Reason reason) {
     note_released(block, mono_us());
   }
   releases += 1;
-  if (block->prev == nullptr && block->next == nullptr) {
+  if (whole) {
     Segment* segment = block->segment;
     record_segment("segment_free", segment);
+    owned::remove(segment->base, segment->size);
     segment_bytes -= segment->size;
     auto it = std::find_if(segments.begin(), segments.end(), [&](auto& s) { return s.get() == segment; });
     out.segments.push_back(std::move(*it));
     segments.erase(it);
-    delete block;
+    discard(block);
   } else {
     // Part of a segment that still holds live blocks: drop its pages. It stays out of the
     // free set until that is done, so nobody is lent it meanwhile.
@@ -382,7 +442,11 @@ void Pool::record(const char* action, const Block* block, const Context& context
   if (!tracing) {
     return;
   }
-  trace.push_back(TraceEvent{action, reinterpret_cast<uintptr_t>(block->addr), block->size, now_us(), context});
+  try {  // the trace is a figure: an event lost to a full memory must not fail a lend or a free
+    trace.push_back(TraceEvent{action, reinterpret_cast<uintptr_t>(block->addr), block->size, now_us(), context});
+  } catch (const std::bad_alloc&) {
+    return;
+  }
   if (trace.size() > kTraceLimit) {
     trace.pop_front();
   }
@@ -392,7 +456,11 @@ void Pool::record_segment(const char* action, const Segment* segment) {
   if (!tracing) {
     return;
   }
-  trace.push_back(TraceEvent{action, reinterpret_cast<uintptr_t>(segment->base), segment->size, now_us(), nullptr});
+  try {
+    trace.push_back(TraceEvent{action, reinterpret_cast<uintptr_t>(segment->base), segment->size, now_us(), nullptr});
+  } catch (const std::bad_alloc&) {
+    return;
+  }
   if (trace.size() > kTraceLimit) {
     trace.pop_front();
   }
@@ -468,9 +536,11 @@ void Pool::check_invariants() const {
   size_t cached = 0, mapped = 0;
   for (const Block* block : decommitting) {
     TORCH_INTERNAL_ASSERT(block->state == BlockState::decommitting && block->pool == this, "a decommitting block in the wrong state");
+    TORCH_INTERNAL_ASSERT(block->node, "a decommitting block lost its node: putting it back would allocate");
   }
   for (const Block* block : free_blocks) {
     TORCH_INTERNAL_ASSERT(block->state == BlockState::free && block->pool == this, "a free block in the wrong state");
+    TORCH_INTERNAL_ASSERT(!block->node, "a block in the free set still holds its node");
     cached += block->committed;
   }
   std::set<const Segment*> walked;

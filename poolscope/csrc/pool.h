@@ -76,6 +76,12 @@ using Context = std::shared_ptr<c10::GatheredContext>;
 
 enum class BlockState : uint8_t { free, allocated, decommitting };
 
+struct Block;
+struct BySizeThenAddress {
+  bool operator()(const Block* a, const Block* b) const;
+};
+using FreeSet = std::set<Block*, BySizeThenAddress>;
+
 // A byte range of a segment, lent to one storage or free.
 struct Block {
   Pool* pool = nullptr;
@@ -94,7 +100,14 @@ struct Block {
   uint64_t freed_at_exit = 0;  // the pool's exits when it was last given back
   int64_t freed_us = 0;      // when it was last given back (steady clock; merged: its most idle resident part)
   size_t committed = 0;      // bytes that may still be resident (upper bound)
+  // Out of the free set: the set's node for it, so that putting it back allocates nothing (a
+  // free must not fail: it runs in a deleter). In the set: empty.
+  FreeSet::node_type node;
 };
+
+inline bool BySizeThenAddress::operator()(const Block* a, const Block* b) const {
+  return a->size != b->size ? a->size < b->size : a->addr < b->addr;
+}
 
 // Memory from the replaced allocator, carved into blocks.
 struct Segment {
@@ -102,12 +115,6 @@ struct Segment {
   char* base = nullptr;
   size_t size = 0;
   size_t bytes_in_use = 0;
-};
-
-struct BySizeThenAddress {
-  bool operator()(const Block* a, const Block* b) const {
-    return a->size != b->size ? a->size < b->size : a->addr < b->addr;
-  }
 };
 
 struct TraceEvent {
@@ -124,6 +131,7 @@ struct Deferred {
   std::vector<std::unique_ptr<Segment>> segments;
   std::vector<Block*> decommit_blocks;  // out of the free set until their pages are dropped
   std::vector<std::shared_ptr<Scope>> scopes;
+  c10::SmallVector<std::shared_ptr<Scope>, 4> charged;  // a freed block's scopes (moved: no allocation)
   std::shared_ptr<Pool> pool;
   std::vector<std::shared_ptr<Pool>> pools;
   Context context;
@@ -169,7 +177,8 @@ struct Pool : std::enable_shared_from_this<Pool> {
   int64_t refaults = 0, bytes_refaulted = 0, bytes_released_by_pressure = 0;
 
   // Everything below is under g_mu.
-  std::set<Block*, BySizeThenAddress> free_blocks;
+  FreeSet free_blocks;
+  std::unique_ptr<Block> spare;  // a block with its node, for the next split (make_spare)
   std::vector<std::unique_ptr<Segment>> segments;
   size_t bytes_in_use = 0, bytes_requested = 0, bytes_cached = 0, segment_bytes = 0;
   size_t growing = 0;  // bytes of segments being allocated outside the lock
@@ -187,11 +196,16 @@ struct Pool : std::enable_shared_from_this<Pool> {
   std::deque<TraceEvent> trace;
 
   // Best fit among free blocks, split when the rest is worth keeping or the block is larger
-  // than `room` (the bytes a scope's max_bytes leaves); nullptr if none fits.
+  // than `room` (the bytes a scope's max_bytes leaves); nullptr if none fits. Everything that
+  // can throw (bad_alloc) happens before the pool changes.
   Block* take(size_t size, size_t room = SIZE_MAX);
-  void lend_from(Block* block, size_t size, size_t room = SIZE_MAX);
+  void lend_from(Block* block, size_t size, size_t room = SIZE_MAX);  // allocates nothing: needs `spare`
+  void make_spare();  // may throw bad_alloc; changes nothing else
   // A new segment's single block, not yet in the free set.
   Block* add_segment(c10::DataPtr memory, size_t size);
+  void put_free(Block* block);     // into the free set, with its own node: allocates nothing
+  void take_free(Block* block);    // out of the free set, keeping its node
+  void discard(Block* block);      // a block merged away: kept as the spare, or deleted
   void free_block(Block* block, Deferred& out);
   void insert_free(Block* block);
   void settle(Block* block);  // a decommitted block rejoins the free set
