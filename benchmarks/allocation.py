@@ -170,6 +170,31 @@ def threads(mode: str, workers: int = 4, iters: int = 200) -> Callable[[], Any]:
     return body
 
 
+def cxx_churn(mode: str, workers: int = 1, n: int = 20_000, size: int = 2 * MiB, raw: bool = False, depth: int = 1,
+              inside: bool = True) -> Callable[[], Any]:
+    """The engine's own cost from C++ with the GIL released: allocate and free ``size`` bytes
+    ``n`` times on each of ``workers`` threads, through PyTorch's CPU allocator. Pooled: each
+    thread in ``depth`` nested scopes of its own on one shared pool (``inside``), or outside every
+    scope with poolscope installed; plain: poolscope loaded, never installed (the allocator a
+    process without poolscope has, or a preloaded one)."""
+    import poolscope
+    from poolscope.engines import engine_for
+
+    hooks = engine_for(torch.device("cpu")).module._test
+    pool = poolscope.TensorPool("cpu", release_idle_s=None)
+    backend = None
+    if mode == "pooled":
+        with poolscope.pool_scope(pool=pool):  # installs
+            pass
+        backend = pool._backend if inside else None
+
+    def body() -> None:
+        hooks.churn(backend, workers, n, size, raw, depth)
+
+    body.pool = pool  # type: ignore[attr-defined]
+    return body
+
+
 # --- the run --------------------------------------------------------------------------------------
 
 # workload key -> (function, parameters, smoke parameters, extra modes beside plain and pooled)
@@ -183,8 +208,15 @@ WORKLOADS: dict[str, tuple[str, dict[str, Any], dict[str, Any], tuple[str, ...]]
     "torch.empty(1 MiB) + free (10k)": ("hit_path", {}, {"n": 100}, ()),
     "1 thread (200 x 4 MiB)": ("threads", {"workers": 1, "threads": 1}, {"iters": 5, "workers": 1, "threads": 1}, ()),
     "4 threads (200 x 4 MiB each)": ("threads", {"workers": 4, "threads": 1}, {"iters": 5, "workers": 4, "threads": 1}, ()),
+    "C++ 2 MiB hit, 1 thread": ("cxx_churn", {}, {"n": 100}, ()),
+    "C++ 8 MiB hit, 1 thread": ("cxx_churn", {"size": 8 * MiB}, {"n": 100, "size": 8 * MiB}, ()),
+    "C++ 2 MiB hit, 2 threads": ("cxx_churn", {"workers": 2}, {"n": 100, "workers": 2}, ()),
+    "C++ 2 MiB hit, depth 256": ("cxx_churn", {"depth": 256}, {"n": 100, "depth": 256}, ()),
+    "C++ raw 2 MiB outside scopes": ("cxx_churn", {"raw": True, "inside": False}, {"n": 100, "raw": True, "inside": False}, ()),
 }
+CXX = {name for name in WORKLOADS if name.startswith("C++")}
 NO_GLIBC = {"torch.empty(1 MiB) + free (10k)", "1 thread (200 x 4 MiB)", "4 threads (200 x 4 MiB each)"}
+NO_GLIBC |= {"C++ 2 MiB hit, depth 256", "C++ raw 2 MiB outside scopes"}
 
 
 def fmt(x: float) -> str:
@@ -225,6 +257,28 @@ def targets(results: dict[str, dict[str, dict[str, Any]]]) -> list[list[str]]:
          f"{scale_plain:.2f}x (plain)", f"{scale_pooled / scale_plain:.2f} of plain's", ">= 0.8 of plain's",
          "yes" if scale_pooled >= 0.8 * scale_plain else "NO"]
     )
+    # Issue 28's targets, from the C++ loops (the same n per thread: time is per thread's work).
+    for w in ("C++ 2 MiB hit, 1 thread", "C++ 8 MiB hit, 1 thread"):
+        if w in results:
+            row(w, "pooled hit vs c10's allocator (glibc)", ms(w, "poolscope"), ms(w, "plain"), "<= 1.0x",
+                ms(w, "poolscope") <= ms(w, "plain"))
+    one, two = "C++ 2 MiB hit, 1 thread", "C++ 2 MiB hit, 2 threads"
+    if one in results and two in results:
+        scale = 2 * ms(one, "poolscope") / ms(two, "poolscope")
+        rows.append([two, "throughput with 2 threads / with 1", f"{scale:.2f}x", "-", "-", ">= 1.8x",
+                     "yes" if scale >= 1.8 else "NO"])
+        if "tcmalloc" in results[two]:
+            row(two, "vs tcmalloc, 2 threads", ms(two, "poolscope"), ms(two, "tcmalloc"), "<= 1.0x",
+                ms(two, "poolscope") <= ms(two, "tcmalloc"))
+    w = "C++ raw 2 MiB outside scopes"
+    if w in results:
+        rate = ms(w, "plain") / ms(w, "poolscope")
+        rows.append([w, "rate installed / never installed", fmt(ms(w, "poolscope")), fmt(ms(w, "plain")), f"{rate:.2f}",
+                     ">= 0.98", "yes" if rate >= 0.98 else "NO"])
+    deep = "C++ 2 MiB hit, depth 256"
+    if deep in results and one in results:
+        row(deep, "vs depth 1", ms(deep, "poolscope"), ms(one, "poolscope"), "<= 1.5x",
+            ms(deep, "poolscope") <= 1.5 * ms(one, "poolscope"))
     return rows
 
 
@@ -233,7 +287,7 @@ def main() -> int:
 
     args = arguments(__doc__, rounds=5, repeats=7).parse_args()
     rounds, repeats, warmup = (1, 2, 1) if args.smoke else (args.rounds, args.repeats, 2)
-    envs, _ = peers(("plain", "glibc"))
+    envs, _ = peers(("plain", "glibc", "tcmalloc"))
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for name, (fn, params, smoke, extra) in WORKLOADS.items():
         if args.only and args.only not in name:
@@ -241,6 +295,8 @@ def main() -> int:
         cases = [Case("plain", "plain"), Case("poolscope", "pooled")] + [Case(m, m) for m in extra]
         if name not in NO_GLIBC:
             cases.append(Case("glibc", "plain", envs["glibc"]))
+        if name in CXX and "tcmalloc" in envs and "depth" not in name and "raw" not in name:
+            cases.append(Case("tcmalloc", "plain", envs["tcmalloc"]))
         p = {**params, **(smoke if args.smoke else {}), "repeats": repeats, "warmup": warmup}
         results[name] = side_by_side(Path(__file__), fn, cases, p, rounds)
     print(f"\nmachine: {machine()}; {rounds} rounds x {repeats} steps, medians\n")

@@ -91,6 +91,46 @@ void register_test_hooks(py::module_& m) {
         out.run();
       },
       py::call_guard<py::gil_scoped_release>());
+  t.def(
+      "churn",
+      [](const std::shared_ptr<Pool>& pool, int threads, int64_t n, size_t size, bool raw, int depth) {
+        // The engine's own cost, from C++ with the GIL released (benchmarks/allocation.py): each
+        // thread allocates and frees `size` bytes `n` times through PyTorch's CPU allocator, inside
+        // `depth` nested scopes of its own on `pool` (None: outside every scope). `raw`: the
+        // raw_allocate/raw_deallocate interface oneDNN uses.
+        auto work = [&] {
+          std::vector<std::shared_ptr<Scope>> scopes;
+          for (int d = 0; pool && d < depth; ++d) {
+            auto scope = std::make_shared<Scope>();
+            scope->pool = pool;
+            scope->threshold = 0;
+            scope->counts_exits = false;
+            enter(scope);
+            scopes.push_back(scope);
+          }
+          c10::Allocator* allocator = c10::GetCPUAllocator();
+          for (int64_t i = 0; i < n; ++i) {
+            if (raw) {
+              allocator->raw_deallocate(allocator->raw_allocate(size));
+            } else {
+              c10::DataPtr memory = allocator->allocate(size);
+            }
+          }
+          for (auto it = scopes.rbegin(); it != scopes.rend(); ++it) {
+            exit(*it);
+          }
+        };
+        std::vector<std::thread> workers;
+        for (int k = 1; k < threads; ++k) {
+          workers.emplace_back(work);
+        }
+        work();
+        for (auto& w : workers) {
+          w.join();
+        }
+      },
+      py::arg("pool"), py::arg("threads"), py::arg("n"), py::arg("size"), py::arg("raw") = false,
+      py::arg("depth") = 1, py::call_guard<py::gil_scoped_release>());
   t.def("set_memory_root", &os::set_memory_root, py::arg("root"),
         "Read /proc and /sys/fs/cgroup under this folder (\"\": the real ones).");
   t.def(
