@@ -163,9 +163,13 @@ def child(workload: str, mode: str, count: int, seed: int, smoke: bool) -> None:
                     t.join()
             wall = time.monotonic() - started
             print(_REPLY + json.dumps({"replies": replies, "wall": wall, "rss": _rss(), "started": started}), flush=True)
-        elif words[0] == "idle":
-            time.sleep(float(words[1]))
-            print(_REPLY + json.dumps({"rss": _rss()}), flush=True)
+        elif words[0] == "idle":  # idle S1 S2 ...: RSS at each of those moments after the last request
+            started = time.monotonic()
+            samples = []
+            for moment in map(float, words[1:]):
+                time.sleep(max(0.0, started + moment - time.monotonic()))
+                samples.append(_rss())
+            print(_REPLY + json.dumps({"rss": samples}), flush=True)
         else:
             figures = {}
             if pool is not None:
@@ -253,7 +257,7 @@ def run(args: argparse.Namespace, setups: dict[str, dict[str, str]], log: Callab
                 if done[name] % 10 == 0:
                     log(f"    {name}: {done[name]}/{len(batches)}")
         for child in children.values():  # all at once: the setups idle together
-            child.send(f"idle {args.idle}")
+            child.send("idle " + " ".join(f"{m:g}" for m in args.idle))
         idle = {name: child.ask() for name, child in children.items()}
         figures = {name: child.ask("end") for name, child in children.items()}
     finally:
@@ -268,6 +272,7 @@ def summarize(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
                for name, res in results.items()}
     peers_here = [p for p in PEERS if p in results]
     by_index = {name: {r["index"]: r for r in rec} for name, rec in counted.items()}
+    fastest = min((p for p in peers_here), key=lambda p: statistics.median(r["time"] for r in counted[p]) if counted[p] else 1e9)
     summary: dict[str, Any] = {}
     for name, res in results.items():
         rec = counted[name]
@@ -280,20 +285,21 @@ def summarize(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
             "faults_mean": statistics.fmean(r["faults"] for r in rec) if rec else None,
             "rss_mib_end_of_stream": rss[-1] / 2**20,
             "rss_growth_second_half_mib": (max(half) - half[0]) / 2**20 if half else 0,
-            "idle_rss_mib": res["idle_rss"] / 2**20,
+            "idle_rss_mib": {f"{m:g}": x / 2**20 for m, x in zip(args.idle, res["idle_rss"])},
             "identical": all(plain_digests.get(r["index"]) == r["digest"] for r in res["records"]),
             "gap_s": [min(gaps), statistics.median(gaps), max(gaps)] if gaps else None,
             "requests_per_s": (len(res["records"]) / sum(r["wall"] for r in res["records"] if r["index"] % args.threads == 0)),
             "rss_mib": [x / 2**20 for x in rss],
             "poolscope": res.get("poolscope", {}),
         }
-        others = [p for p in peers_here if p != name]
-        ratios = []
-        for index, r in by_index[name].items():
-            peer_times = [by_index[p][index]["time"] for p in others if index in by_index[p]]
-            if peer_times:
-                ratios.append(r["time"] / min(peer_times))
+        # Request by request against the peer with the lowest median (another peer than this one).
+        rival = fastest if fastest != name else min(
+            (p for p in peers_here if p != name), key=lambda p: statistics.median(r["time"] for r in counted[p]), default=None)
+        ratios = [r["time"] / by_index[rival][i]["time"] for i, r in by_index[name].items()
+                  if rival is not None and i in by_index[rival]]
         row["vs_fastest_peer"] = statistics.median(ratios) if ratios else None
+        row["fastest_peer"] = rival
+        row["records"] = [{k: r[k] for k in ("index", "time", "faults", "rss", "gap")} for r in res["records"]]
         summary[name] = row
     return summary
 
@@ -332,14 +338,15 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5, help="first requests left out of the medians")
     parser.add_argument("--burst", type=int, default=10, help="gap 0: requests per turn")
     parser.add_argument("--threads", type=int, default=1, choices=(1, 2))
-    parser.add_argument("--idle", type=float, default=60.0, help="RSS this long after the last request")
+    parser.add_argument("--idle", default="60,330", help="RSS these many seconds after the last request (comma-separated)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--setups", default=",".join(("poolscope",) + PEERS))
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--smoke", action="store_true", help="a tiny torch encoder, a few requests: checks that it runs")
     args = parser.parse_args()
+    args.idle = [float(m) for m in str(args.idle).split(",")]
     if args.smoke:
-        args.requests, args.warmup, args.idle, args.burst = 6, 1, 0.2, 3
+        args.requests, args.warmup, args.idle, args.burst = 6, 1, [0.1, 0.2], 3
         args.gap = min(args.gap, 0.2)
     wanted = tuple(args.setups.split(","))
     found, missing = peers(tuple(w for w in wanted if w != "poolscope"))
@@ -356,14 +363,18 @@ def main() -> int:
     summary = summarize(args, results)
     rows = []
     for name, row in summary.items():
-        p = row["poolscope"]
-        rows.append([name, f"{row['ms']:.0f}", f"{row['vs_fastest_peer']:.2f}x" if row["vs_fastest_peer"] else "-",
+        vs = f"{row['vs_fastest_peer']:.2f}x ({row['fastest_peer']})" if row["vs_fastest_peer"] else "-"
+        rows.append([name, f"{row['ms']:.0f}", vs,
                      f"{row['faults']:.0f}", f"{row['faults_mean']:.0f}", f"{row['requests_per_s']:.2f}",
                      f"{row['rss_mib_end_of_stream']:.0f}", f"{row['rss_growth_second_half_mib']:.0f}",
-                     f"{row['idle_rss_mib']:.0f}", "yes" if row["identical"] else "NO",
+                     " / ".join(f"{v:.0f}" for v in row["idle_rss_mib"].values()), "yes" if row["identical"] else "NO",
                      "/".join(f"{g:.1f}" for g in row["gap_s"]) if row["gap_s"] else "-"])
     table = markdown(["setup", "ms/request (median)", "vs fastest peer", "faults (median)", "faults (mean)", "req/s",
-                      "RSS end MiB", "RSS growth 2nd half", f"RSS {args.idle:g} s idle", "identical", "gap min/med/max s"], rows)
+                      "RSS end MiB", "RSS growth 2nd half", "RSS idle " + " / ".join(f"{m:g} s" for m in args.idle),
+                      "identical", "gap min/med/max s"], rows)
+    print(markdown(["workload", "gap s", "requests", "threads", "machine"],
+                   [[args.workload, f"{args.gap:g}", str(args.requests), str(args.threads), where]]))
+    print()
     print(table)
     if "poolscope" in summary:
         print("poolscope:", json.dumps(summary["poolscope"]["poolscope"]))

@@ -35,6 +35,13 @@
 //     destructor releases the free blocks and segments, so it runs only when none is lent.
 //  4. Nothing that can run Python, and no system call that releases memory, runs under g_mu:
 //     that work goes into a Deferred and runs after unlocking.
+//  5. Running out of memory changes nothing: a lend makes everything it needs (the spare block
+//     a split takes, a new block's free-set node, the registry entry) before it changes the
+//     pool, and a free allocates nothing it cannot do without: every block carries the free
+//     set's node for it while it is out of the set (Block::node), and what a free may release
+//     past max_cached waits for the next free when the list of candidates cannot be made.
+//  6. Every segment's chunks are in the ownership table (owned.h) from before its first lend to
+//     after its release: a free whose pointer lies in no such chunk takes no lock.
 #pragma once
 
 #include <c10/core/Allocator.h>
