@@ -134,11 +134,14 @@ def child(workload: str, mode: str, count: int, seed: int, smoke: bool) -> None:
 
     def serve(index: int) -> dict[str, Any]:
         batch, seq = stream[index]
+        misses = pool.stats().misses if pool is not None else 0
         (f0, _, _), t0 = usage(), time.perf_counter()
         with torch.inference_mode(), scope():
             out = handler(batch, seq, index)
         elapsed = time.perf_counter() - t0
-        return {"index": index, "time": elapsed, "faults": usage()[0] - f0, "digest": _digest(out)}
+        faults = usage()[0] - f0
+        misses = pool.stats().misses - misses if pool is not None else 0  # segments the pool grew by
+        return {"index": index, "time": elapsed, "faults": faults, "misses": misses, "digest": _digest(out)}
 
     with torch.inference_mode(), scope():  # build what the first call builds: not part of the stream
         handler(1, 16, -1)
@@ -299,7 +302,9 @@ def summarize(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
                   if rival is not None and i in by_index[rival]]
         row["vs_fastest_peer"] = statistics.median(ratios) if ratios else None
         row["fastest_peer"] = rival
-        row["records"] = [{k: r[k] for k in ("index", "time", "faults", "rss", "gap")} for r in res["records"]]
+        row["records"] = [{k: r[k] for k in ("index", "time", "faults", "misses", "rss", "gap")} for r in res["records"]]
+        if name == "poolscope" and rec:
+            row["misses_per_request_after_warmup"] = statistics.fmean(r["misses"] for r in rec)
         summary[name] = row
     return summary
 
@@ -377,7 +382,8 @@ def main() -> int:
     print()
     print(table)
     if "poolscope" in summary:
-        print("poolscope:", json.dumps(summary["poolscope"]["poolscope"]))
+        print("poolscope:", json.dumps(summary["poolscope"]["poolscope"]),
+              "misses per request after warm-up:", summary["poolscope"].get("misses_per_request_after_warmup"))
     name = f"serving-{args.workload}-gap{args.gap:g}-t{args.threads}{'-smoke' if args.smoke else ''}"
     data = {"machine": where, "args": {k: str(v) for k, v in vars(args).items()}, "summary": summary,
             "table": table, "seconds": time.monotonic() - started}
