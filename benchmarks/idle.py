@@ -2,7 +2,7 @@
 
 A 1 GiB burst (three steps, each holding 64 tensors of 16 MiB at once; inside ``pool_scope()``
 for poolscope, plain for the others), then nothing at all for ``--seconds`` (default 120): RSS above the process's baseline, sampled every second.
-Columns: plain PyTorch, poolscope with its defaults (``release_idle_s=10``), glibc told never to
+Columns: plain PyTorch, poolscope with its defaults (the idle clock at 10 s: a burst with nothing after it teaches it nothing), glibc told never to
 give memory back, jemalloc with ``background_thread:true,dirty_decay_ms:10000``, mimalloc and
 tcmalloc (preloaded where installed). The columns run at the same time, each in a child process
 of its own: they are idle for almost all of the run, so they do not slow each other.
