@@ -156,7 +156,8 @@ IDLE_IGNORED_S = 600  # poolscope's release_idle_s in pooled children (see _Chil
 _REPLY = "@@harness "  # marks the child's protocol lines among whatever a workload prints
 
 
-def _reply(message: dict[str, Any]) -> None:
+def reply(message: dict[str, Any]) -> None:
+    """In a child: answer the parent (``ChildProcess.ask``)."""
     print(_REPLY + json.dumps(message), flush=True)
 
 
@@ -182,7 +183,7 @@ def _serve(script: str, workload: str, mode: str, params: dict[str, Any]) -> Non
     step = load_step(script, workload, mode, params)
     for _ in range(warmup):
         step()
-    _reply({"ready": True})
+    reply({"ready": True})
     for line in sys.stdin:
         if line.strip() != "call":
             break
@@ -191,31 +192,25 @@ def _serve(script: str, workload: str, mode: str, params: dict[str, Any]) -> Non
         elapsed = time.perf_counter() - t0
         f1, u1, s1 = usage()
         del result
-        _reply({"time": elapsed, "faults": f1 - f0, "user": u1 - u0, "system": s1 - s0})
+        reply({"time": elapsed, "faults": f1 - f0, "user": u1 - u0, "system": s1 - s0})
     report = getattr(step, "report", lambda: {})
     gc.collect()
     end = {"peak_rss": _status("VmHWM:"), "end_rss": _status("VmRSS:")}  # before the report, which may release memory
     if idle_s > 0:  # what the setup still holds once the process has been idle that long
         time.sleep(idle_s)
         end["idle_rss"] = _status("VmRSS:")
-    _reply({**end, **report()})
+    reply({**end, **report()})
 
 
-class _Child:
-    """One case's child process, answering the parent's requests."""
+class ChildProcess:
+    """A child process answering requests on stdin with ``reply()`` lines (the rest of its stdout is ignored)."""
 
-    def __init__(self, script: Path, workload: str, case: Case, params: dict[str, Any]) -> None:
-        self.name = f"{workload} [{case.label}]"
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self.name = name
         self.errors = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads could fill and block the child
-        env = {**os.environ, **case.env, "PYTHONWARNINGS": "ignore"}
-        if case.mode == "pooled":
-            # A child waits for the others' calls between two of its own (BERT: 6 x 3 s): poolscope would
-            # take a wait over release_idle_s (10 s) for idleness and release its cache, which a loop
-            # calling back to back never does. Unless the case or the caller sets it, waits do not count.
-            env.setdefault("POOLSCOPE_RELEASE_IDLE_S", str(IDLE_IGNORED_S))
         self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "_harness.py"), str(script), workload, case.mode, json.dumps(params)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True, env=env,
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True,
+            env={**os.environ, **env, "PYTHONWARNINGS": "ignore"},
         )
 
     def send(self, request: str) -> None:
@@ -241,6 +236,20 @@ class _Child:
             self.process.kill()
         self.process.wait()
         self.errors.close()
+
+
+class _Child(ChildProcess):
+    """One case's child process (``_serve``)."""
+
+    def __init__(self, script: Path, workload: str, case: Case, params: dict[str, Any]) -> None:
+        env = dict(case.env)
+        if case.mode == "pooled":
+            # A child waits for the others' calls between two of its own (BERT: 6 x 3 s): poolscope would
+            # take a wait over release_idle_s (10 s) for idleness and release its cache, which a loop
+            # calling back to back never does. Unless the case or the caller sets it, waits do not count.
+            env.setdefault("POOLSCOPE_RELEASE_IDLE_S", os.environ.get("POOLSCOPE_RELEASE_IDLE_S", str(IDLE_IGNORED_S)))
+        argv = [sys.executable, str(HERE / "_harness.py"), str(script), workload, case.mode, json.dumps(params)]
+        super().__init__(f"{workload} [{case.label}]", argv, env)
 
 
 def _round(script: Path, workload: str, cases: list[Case], params: dict[str, Any], repeats: int, first: int) -> list[dict[str, Any]]:

@@ -33,12 +33,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -46,10 +43,9 @@ from typing import Any, Callable, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _harness import machine, markdown, peers, usage, write_json  # noqa: E402
+from _harness import ChildProcess, machine, markdown, peers, reply, usage, write_json  # noqa: E402
 
 PEERS = ("plain", "glibc", "jemalloc", "mimalloc", "tcmalloc")
-_REPLY = "@@serving "
 
 
 # --- the child: one setup's server ----------------------------------------------------------------
@@ -145,7 +141,7 @@ def child(workload: str, mode: str, count: int, seed: int, smoke: bool) -> None:
 
     with torch.inference_mode(), scope():  # build what the first call builds: not part of the stream
         handler(1, 16, -1)
-    print(_REPLY + json.dumps({"ready": True}), flush=True)
+    reply({"ready": True})
     for line in sys.stdin:
         words = line.split()
         if words[0] == "serve":  # serve I [J...]: one request per index, each on a thread of its own
@@ -165,14 +161,14 @@ def child(workload: str, mode: str, count: int, seed: int, smoke: bool) -> None:
                 for t in threads:
                     t.join()
             wall = time.monotonic() - started
-            print(_REPLY + json.dumps({"replies": replies, "wall": wall, "rss": _rss(), "started": started}), flush=True)
+            reply({"replies": replies, "wall": wall, "rss": _rss(), "started": started})
         elif words[0] == "idle":  # idle S1 S2 ...: RSS at each of those moments after the last request
             started = time.monotonic()
             samples = []
             for moment in map(float, words[1:]):
                 time.sleep(max(0.0, started + moment - time.monotonic()))
                 samples.append(_rss())
-            print(_REPLY + json.dumps({"rss": samples}), flush=True)
+            reply({"rss": samples})
         else:
             figures = {}
             if pool is not None:
@@ -181,42 +177,22 @@ def child(workload: str, mode: str, count: int, seed: int, smoke: bool) -> None:
                     "hits", "misses", "releases", "bytes_released_by_time", "bytes_released_by_exits",
                     "bytes_released_by_pressure", "refaults", "bytes_refaulted", "hold_after", "hold_idle_s",
                     "working_set_bytes", "bytes_reserved", "peak_bytes_in_use", "segments")}
-            print(_REPLY + json.dumps({"poolscope": figures}), flush=True)
+            reply({"poolscope": figures})
             return
 
 
 # --- the parent: scheduling by each setup's own clock ----------------------------------------------
 
 
-class Setup:
+class Setup(ChildProcess):
+    """One setup's server (``child``), with the records of the requests it served."""
+
     def __init__(self, name: str, env: dict[str, str], args: argparse.Namespace) -> None:
-        self.name = name
-        self.errors = tempfile.TemporaryFile(mode="w+")
         mode = "poolscope" if name == "poolscope" else "plain"
-        full_env = {**os.environ, **env, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--child", args.workload, mode, str(args.requests), str(args.seed)]
-            + (["--smoke"] if args.smoke else []),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True, env=full_env)
+        argv = [sys.executable, __file__, "--child", args.workload, mode, str(args.requests), str(args.seed)]
+        super().__init__(name, argv + (["--smoke"] if args.smoke else []), {**env, "TOKENIZERS_PARALLELISM": "false"})
         self.records: list[dict[str, Any]] = []
         self.last_end: Optional[float] = None
-
-    def send(self, request: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(request + "\n")
-        self.process.stdin.flush()
-
-    def ask(self, request: Optional[str] = None) -> dict[str, Any]:
-        assert self.process.stdout is not None
-        if request is not None:
-            self.send(request)
-        for line in self.process.stdout:
-            if line.startswith(_REPLY):
-                reply: dict[str, Any] = json.loads(line[len(_REPLY):])
-                return reply
-        self.process.wait()
-        self.errors.seek(0)
-        raise RuntimeError(f"{self.name} failed (exit {self.process.returncode}):\n{self.errors.read()[-3000:]}")
 
     def serve(self, indices: list[int], after_wait: bool) -> None:
         gap = None if self.last_end is None else time.monotonic() - self.last_end
@@ -224,12 +200,6 @@ class Setup:
         self.last_end = time.monotonic()
         for r in reply["replies"]:
             self.records.append({**r, "gap": gap, "rss": reply["rss"], "wall": reply["wall"], "after_wait": after_wait})
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self.errors.close()
 
 
 def run(args: argparse.Namespace, setups: dict[str, dict[str, str]], log: Callable[[str], None]) -> dict[str, Any]:
