@@ -22,14 +22,13 @@
 
 namespace poolscope {
 
-std::mutex g_mu;
+EngineMutex g_mu;
 
 namespace {
 
 // Never destroyed: tensors that outlive the interpreter die during static destruction, and
 // their deleters must still find these (and the allocator) intact.
-auto& g_live = *new std::unordered_map<void*, Block*>();  // lent blocks by address, under g_mu
-auto& g_pools = *new std::vector<std::weak_ptr<Pool>>();  // under g_mu
+auto& g_pools = *new std::vector<Pool*>();  // every pool alive: each adds itself and its destructor removes it, under g_mu
 // Published (release) before poolscope's allocator becomes PyTorch's, read (acquire) by every
 // thread that reaches it: a thread that sees the new allocator also sees what it forwards to.
 std::atomic<c10::Allocator*> g_replaced{nullptr};
@@ -95,41 +94,38 @@ void free_raw(void* ptr) {
 }
 
 void free_ptr(void* ptr) {
-  if (ptr == nullptr) {
+  Block* block = owned::take_lent(ptr);  // no lock: a pointer that is not a lent block takes none
+  if (block == nullptr) {
+    if (ptr != nullptr) {
+      free_raw(ptr);
+    }
     return;
   }
-  if (!owned::maybe(ptr)) {  // in no pool's segment: no lock, no registry
-    free_raw(ptr);
-    return;
-  }
+  // Nothing below allocates: a free runs in a deleter and must not fail.
   Deferred out;
   {
-    std::lock_guard<std::mutex> lock(g_mu);
-    auto it = g_live.find(ptr);
-    if (it != g_live.end()) {
-      Block* block = it->second;
-      g_live.erase(it);
-      for (auto& scope : block->charged) {
-        scope->bytes_in_use -= static_cast<int64_t>(block->size);
-        scope->blocks_in_use -= 1;
+    Guard lock(g_mu);
+    for (Scope* scope : block->charged) {
+      scope->bytes_in_use -= static_cast<int64_t>(block->size);
+      scope->blocks_in_use -= 1;
+      if (scope->blocks_in_use == 0 && scope->keep) {  // closed, and its last block died: it may go
+        scope->next_released = std::move(out.scope);
+        out.scope = std::move(scope->keep);
       }
-      out.charged = std::move(block->charged);  // no allocation: a free runs in a deleter and must not fail
-      block->charged.clear();
-      Pool* pool = block->pool;
-      if (block->context) {
-        pool->record("free_requested", block, block->context);
-        pool->record("free_completed", block, block->context);
-      }
-      out.context = std::move(block->context);
-      out.pool = std::move(block->owner);
-      pool->free_block(block, out);
-      ptr = nullptr;
+    }
+    block->charged.clear();
+    Pool* pool = block->pool;
+    if (block->context) {
+      pool->record("free_requested", block, block->context);
+      pool->record("free_completed", block, block->context);
+    }
+    out.context = std::move(block->context);
+    pool->free_block(block, out);
+    if (pool->blocks_in_use == 0) {
+      out.pool = std::move(pool->keep);
     }
   }
   out.run();
-  if (ptr != nullptr) {
-    free_raw(ptr);
-  }
 }
 
 // The innermost open scope of the chain whose max_bytes one more block of `size` would pass.
@@ -174,13 +170,13 @@ std::string limit_message(const Scope* limiting, size_t size, size_t nbytes) {
 
 // The scopes a block lent now counts toward: the open ones of the chain. Made before the block
 // is taken, so that running out of memory here leaves the pool as it was.
-using Charged = c10::SmallVector<std::shared_ptr<Scope>, 4>;
+using Charged = c10::SmallVector<Scope*, 4>;
 
 Charged charged_scopes(Scope* top) {
   Charged charged;
   for (Scope* s = top; s != nullptr; s = s->parent.get()) {
     if (!s->closed) {
-      charged.push_back(s->shared_from_this());
+      charged.push_back(s);
     }
   }
   return charged;
@@ -189,14 +185,16 @@ Charged charged_scopes(Scope* top) {
 // Record a taken block as lent. Only the registry insertion can throw (bad_alloc); it comes first,
 // and the caller puts the block back when it does.
 c10::DataPtr register_locked(Charged& charged, Block* block, size_t nbytes, bool hit, Context context,
-                             int64_t start_ns) {
-  if (g_fail_register.exchange(false)) {
+                             int64_t spent) {  // spent: -1 for a hit not timed
+  if (C10_UNLIKELY(g_fail_register.load(std::memory_order_relaxed)) && g_fail_register.exchange(false)) {
     throw std::bad_alloc();
   }
-  g_live.emplace(block->addr, block);
   Pool* pool = block->pool;
+  if (pool->blocks_in_use == 0) {
+    pool->keep = pool->shared_from_this();
+  }
+  owned::lend(block, block->addr);
   block->bytes_requested = nbytes;
-  block->owner = pool->shared_from_this();
   block->context = std::move(context);
   pool->bytes_in_use += block->size;
   pool->bytes_requested += nbytes;
@@ -206,7 +204,6 @@ c10::DataPtr register_locked(Charged& charged, Block* block, size_t nbytes, bool
   pool->window_peak = std::max(pool->window_peak, pool->bytes_in_use);
   (hit ? pool->hits : pool->misses) += 1;
   const auto size = static_cast<int64_t>(block->size);
-  const int64_t spent = now_ns() - start_ns;
   for (auto& s : charged) {
     s->bytes_in_use += size;
     s->blocks_in_use += 1;
@@ -214,7 +211,12 @@ c10::DataPtr register_locked(Charged& charged, Block* block, size_t nbytes, bool
     s->allocations_routed += 1;
     s->bytes_routed += static_cast<int64_t>(nbytes);
     (hit ? s->hits : s->misses) += 1;
-    s->alloc_ns += spent;
+    if (!hit) {
+      s->miss_ns += spent;
+    } else if (spent >= 0) {
+      s->timed_hit_ns += spent;
+      s->timed_hits += 1;
+    }
   }
   block->charged = std::move(charged);
   if (block->context) {
@@ -240,7 +242,7 @@ void count_fallback_locked(Scope* top, Pool* pool) {
 }
 
 // Run `out` with g_mu dropped: segments go back to the replaced allocator, pages to the system.
-void run_unlocked(std::unique_lock<std::mutex>& lock, Deferred& out) {
+void run_unlocked(UniqueGuard& lock, Deferred& out) {
   lock.unlock();
   out.run();
   lock.lock();
@@ -258,7 +260,7 @@ size_t physical_memory() {
 // one (out of memory, or the pool's max_bytes) even after the pool gave back its cache. The
 // pool's max_bytes bounds the bytes of its segments (lent, cached, or mapped and not yet
 // touched): every one of them can be lent without another check.
-Block* grow_locked(std::unique_lock<std::mutex>& lock, Pool* pool, size_t size, size_t room) {
+Block* grow_locked(UniqueGuard& lock, Pool* pool, size_t size, size_t room) {
   pool->make_spare();  // for splitting the new segment's block; may throw before anything changed
   // Giving back cached memory helps only a request that could fit in this machine's memory (and
   // in max_bytes) at all; for an impossible one it would only throw the working set away.
@@ -290,18 +292,23 @@ Block* grow_locked(std::unique_lock<std::mutex>& lock, Pool* pool, size_t size, 
           throw 42;  // what a foreign allocator may throw: not a std::exception
         }
         if (failing == 0) {
-          memory = replaced_allocator()->allocate(wanted);
+          memory = replaced_allocator()->allocate(wanted + kGranule);  // room to start aligned
         }
       } catch (...) {
         memory.clear();
       }
       lock.lock();
       pool->growing -= wanted;
-      if (memory) {
-        Block* block = pool->add_segment(std::move(memory), wanted);
+      Block* block = memory ? pool->add_segment(memory, wanted) : nullptr;
+      if (block != nullptr) {
         pool->lend_from(block, size, room);
         pool->note_faulted(size, mono_us());
         return block;
+      }
+      if (memory) {  // the registry could not take it: back to the replaced allocator, unlocked
+        lock.unlock();
+        memory.clear();
+        lock.lock();
       }
     }
     if (attempt == 0 && could_fit) {
@@ -347,15 +354,21 @@ void after_fork_child() {
 
 }  // namespace
 
+// Time in the pool (a scope's alloc_seconds): reading the clock twice costs about a third of a
+// hit, so only a scope's first hit and every kTimedEvery-th after it are timed, and its hits
+// count at their mean; every miss is timed.
+constexpr int64_t kTimedEvery = 16;
+
 c10::DataPtr lend(Scope* top, size_t nbytes) {
-  const int64_t start_ns = now_ns();
+  const bool sampled = top->hits % kTimedEvery == 0;  // only this thread changes its scope's hits
+  int64_t start_ns = sampled ? now_ns() : 0;
   // Stacks are gathered before locking: gathering takes the GIL.
   Context context = top->profiling ? gather_traceback() : Context();
   // Larger than any pool can hold (and past where rounding would wrap): never pooled.
   const bool poolable = nbytes <= kMaxLend;
   const size_t size = poolable ? round_up(nbytes, kGranule) : nbytes;
   Pool* pool = top->pool.get();
-  std::unique_lock<std::mutex> lock(g_mu);
+  UniqueGuard lock(g_mu);
   if (Scope* limiting = over_limit(top, size)) {
     if (limiting->fallback_on_limit) {
       count_fallback_locked(top, pool);
@@ -391,12 +404,16 @@ c10::DataPtr lend(Scope* top, size_t nbytes) {
     Block* block = pool->take(size, room);
     if (block == nullptr) {
       hit = false;
+      if (!sampled) {
+        start_ns = now_ns();
+      }
       block = grow_locked(lock, pool, size, room);
       charged = charged_scopes(top);  // a scope may have closed while the lock was dropped
     }
     if (block != nullptr) {
       try {
-        return register_locked(charged, block, nbytes, hit, std::move(context), start_ns);
+        const int64_t spent = hit && !sampled ? -1 : now_ns() - start_ns;
+        return register_locked(charged, block, nbytes, hit, std::move(context), spent);
       } catch (...) {
         untake_locked(block);
         throw;
@@ -447,27 +464,32 @@ void fail_next_register() {
 }
 
 void register_pool(const std::shared_ptr<Pool>& pool) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  g_pools.erase(
-      std::remove_if(g_pools.begin(), g_pools.end(), [](const auto& p) { return p.expired(); }), g_pools.end());
-  g_pools.push_back(pool);
+  Guard lock(g_mu);
+  g_pools.push_back(pool.get());
+}
+
+void unregister_pool_locked(Pool* pool) {
+  g_pools.erase(std::remove(g_pools.begin(), g_pools.end(), pool), g_pools.end());
 }
 
 void tick_all_locked(Deferred& out) {
-  for (auto& weak : g_pools) {
-    if (auto pool = weak.lock()) {
-      pool->tick(out);
-      out.pools.push_back(std::move(pool));  // dies after the lock, with `out`
-    }
+  for (auto& pool : live_pools_locked()) {
+    pool->tick(out);
+    out.pools.push_back(std::move(pool));  // dies after the lock, with `out`
   }
 }
 
 std::vector<const Block*> live_blocks_locked(const Scope* scope) {
+  // The registry is by address; the pools' segments say which blocks are lent.
   std::vector<const Block*> blocks;
-  for (const auto& [addr, block] : g_live) {
-    if (scope == nullptr ||
-        std::any_of(block->charged.begin(), block->charged.end(), [&](const auto& s) { return s.get() == scope; })) {
-      blocks.push_back(block);
+  for (const Pool* pool : g_pools) {
+    for (const auto& segment : pool->segments) {
+      for (const Block* block = segment->first; block != nullptr; block = block->next) {
+        if (block->state == BlockState::allocated && owned::lent_at(block->addr) == block &&
+            (scope == nullptr || std::find(block->charged.begin(), block->charged.end(), scope) != block->charged.end())) {
+          blocks.push_back(block);
+        }
+      }
     }
   }
   std::sort(blocks.begin(), blocks.end(), [](const Block* a, const Block* b) { return a->addr < b->addr; });
@@ -475,10 +497,11 @@ std::vector<const Block*> live_blocks_locked(const Scope* scope) {
 }
 
 std::vector<std::shared_ptr<Pool>> live_pools_locked() {
+  // A pool whose last reference is gone may still be listed, its destructor waiting for g_mu.
   std::vector<std::shared_ptr<Pool>> pools;
-  for (auto& weak : g_pools) {
-    if (auto pool = weak.lock()) {
-      pools.push_back(std::move(pool));
+  for (Pool* pool : g_pools) {
+    if (auto alive = pool->weak_from_this().lock()) {
+      pools.push_back(std::move(alive));
     }
   }
   return pools;

@@ -72,7 +72,7 @@ py::object seconds_or_none(int64_t us) {
 py::object pool_stats(Pool& pool) {
   PoolFigures f;
   {
-    std::lock_guard<std::mutex> lock(g_mu);
+    Guard lock(g_mu);
     f = pool.figures();
   }
   return figures_type("PoolStats")(
@@ -109,7 +109,7 @@ struct SegmentCopy {
 py::list pool_segments(Pool& pool) {
   std::vector<SegmentCopy> copies;
   {
-    std::lock_guard<std::mutex> lock(g_mu);
+    Guard lock(g_mu);
     for (const auto& segment : pool.segments) {
       copies.push_back(SegmentCopy{reinterpret_cast<uintptr_t>(segment->base), segment->size, {}});
     }
@@ -180,7 +180,7 @@ py::list pool_segments(Pool& pool) {
 py::list pool_trace(Pool& pool) {
   std::vector<TraceEvent> events;
   {
-    std::lock_guard<std::mutex> lock(g_mu);
+    Guard lock(g_mu);
     events.assign(pool.trace.begin(), pool.trace.end());
   }
   std::vector<Context> contexts;
@@ -224,9 +224,10 @@ py::list describe(const std::vector<BlockInfo>& infos, const std::vector<uintptr
 py::object scope_stats(Scope& scope) {
   // Copied under the lock, converted after it: making Python objects can run a garbage
   // collection, which can free a pooled tensor, whose deleter takes the lock.
-  int64_t routed, routed_bytes, hits, misses, fallbacks, in_use, blocks, peak, alloc_ns;
+  int64_t routed, routed_bytes, hits, misses, fallbacks, in_use, blocks, peak;
+  double alloc_seconds;
   {
-    std::lock_guard<std::mutex> lock(g_mu);
+    Guard lock(g_mu);
     routed = scope.allocations_routed;
     routed_bytes = scope.bytes_routed;
     hits = scope.hits;
@@ -235,14 +236,14 @@ py::object scope_stats(Scope& scope) {
     in_use = scope.bytes_in_use;
     blocks = scope.blocks_in_use;
     peak = scope.peak_bytes_in_use;
-    alloc_ns = scope.alloc_ns;
+    alloc_seconds = scope.alloc_seconds();
   }
   return figures_type("ScopeStats")(
       py::arg("name") = scope.named ? py::object(py::str(scope.name)) : py::object(py::none()),
       py::arg("allocations_routed") = routed, py::arg("bytes_routed") = routed_bytes, py::arg("hits") = hits,
       py::arg("misses") = misses, py::arg("fallbacks") = fallbacks, py::arg("escaped") = blocks,
       py::arg("bytes_in_use") = in_use, py::arg("peak_bytes_in_use") = peak,
-      py::arg("alloc_seconds") = static_cast<double>(alloc_ns) * 1e-9);
+      py::arg("alloc_seconds") = alloc_seconds);
 }
 
 }  // namespace
@@ -291,7 +292,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              bool learn_after = limits.attr("learn_after").cast<bool>(), learn_idle = limits.attr("learn_idle").cast<bool>();
              Deferred out;
              {
-               std::lock_guard<std::mutex> lock(g_mu);
+               Guard lock(g_mu);
                pool->configure(cap, max_bytes, after, learn_after, idle, learn_idle, out);
              }
              out.run();
@@ -308,7 +309,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              {
                py::gil_scoped_release release;
                {
-                 std::lock_guard<std::mutex> lock(g_mu);
+                 Guard lock(g_mu);
                  pool.configure(cap, max_bytes, after, learn_after, idle, learn_idle, out);
                }
                out.run();
@@ -320,7 +321,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           [](Pool& pool, bool everything) {
             Deferred out;
             {
-              std::lock_guard<std::mutex> lock(g_mu);
+              Guard lock(g_mu);
               pool.release(everything, out);
             }
             out.run();
@@ -354,7 +355,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("stats", &scope_stats)
       .def("reset_peak",
            [](Scope& scope) {
-             std::lock_guard<std::mutex> lock(g_mu);
+             Guard lock(g_mu);
              scope.peak_bytes_in_use = scope.bytes_in_use;
            })
       .def("live_blocks",
@@ -362,7 +363,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              std::vector<BlockInfo> infos;
              std::vector<uintptr_t> addresses;
              {
-               std::lock_guard<std::mutex> lock(g_mu);
+               Guard lock(g_mu);
                for (const Block* block : live_blocks_locked(&scope)) {
                  infos.push_back(BlockInfo{block->size, block->bytes_requested, block->context});
                  addresses.push_back(reinterpret_cast<uintptr_t>(block->addr));
@@ -375,7 +376,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         std::string message;
         std::vector<BlockInfo> infos;
         {
-          std::lock_guard<std::mutex> lock(g_mu);
+          Guard lock(g_mu);
           if (scope.refusal_serial == 0) {
             return py::none();
           }

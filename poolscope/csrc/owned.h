@@ -1,28 +1,42 @@
-// Which addresses may lie in a pool's segment: a table of 2 MiB chunks read without any lock.
+// Which blocks are lent, by address: a table read and written without any lock.
 //
-// Why. Once installed, poolscope's raw deleter sees every free the replaced allocator handed out
-// through raw_allocate (oneDNN's scratch), inside scopes or not. Taking g_mu and probing the
-// registry of lent blocks for each made those frees 0.55-0.83x as fast as with poolscope never
-// installed. A pooled block lies in a segment; a pointer in no chunk that a segment touches is not
-// pooled, and two atomic loads say so.
+// Why. Every free of CPU memory once poolscope is installed comes through its deleter: pooled
+// blocks, and what the replaced allocator handed out (oneDNN's scratch through raw_deallocate,
+// inside scopes or not). A hash map of lent blocks under the engine's lock cost a node allocation
+// per lend and a locked probe per free: raw frees ran at 0.55-0.83x the rate of a process that
+// never installed poolscope, and the map was a large part of a pooled hit's cost.
 //
-// What. A two-level radix table over the low 2**48 bytes of the address space (user space with
-// four-level page tables on x86_64 and aarch64): per 2 MiB chunk, the number of live segments
-// overlapping it. Addresses above it always answer "maybe".
+// What. A radix table over the low 2**48 bytes of the address space (user space with four-level
+// page tables on x86_64 and aarch64): per 2 MiB chunk that any segment ever touched, a count of
+// the live segments overlapping it and a slot per kSlotBytes of address holding the block lent
+// there, if any. Segments start kSlotBytes-aligned (Pool::add_segment) and blocks are multiples
+// of kSlotBytes, so a block starts at a slot boundary and no other block, pooled or not, starts in
+// its slot: a pointer is a lent block exactly when its slot holds one. Chunks and leaves are
+// mapped zeroed (pages become resident only where a slot was written) and never unmapped; a
+// chunk's slots go back to the system when no segment overlaps it any more.
 //
-// Invariants. Written under g_mu only: a segment is added before any block of it is lent and
-// removed once none is (a segment goes back whole only when wholly free). So the free of a lent
-// block, which happens after its lend, always reads a nonzero count; a stale nonzero count for a
-// chunk whose segment went back only sends a free down the locked path, which finds no block
-// there and hands the pointer to the replaced allocator, as before. Leaves are never freed.
+// Invariants. add/remove/lend run under g_mu: a segment is added before any block of it is lent
+// and removed once none is. A block's slot holds it from its lend until the free that takes it
+// (take_lent, any thread, no lock), and nothing else writes that slot meanwhile.
 #pragma once
 
 #include <cstddef>
 
+namespace poolscope {
+struct Block;
+}
+
 namespace poolscope::owned {
 
-void add(const char* base, size_t size);     // under g_mu; may throw bad_alloc (a new leaf) before changing anything
+constexpr size_t kSlotBytes = 512;  // pool.h's kGranule
+
+// Under g_mu. False, changing nothing, when the range lies outside the table or the table cannot
+// grow (out of memory): such a segment must not be used.
+bool add(const char* base, size_t size);
 void remove(const char* base, size_t size);  // under g_mu
-bool maybe(const void* ptr);                 // any thread, no lock: false means "never a pooled block"
+void lend(Block* block, const char* addr);   // under g_mu: `addr` lies in an added segment
+// Any thread, no lock: the block lent at `ptr`, which is lent no more; nullptr when none is.
+Block* take_lent(const void* ptr);
+Block* lent_at(const void* ptr);  // the same without taking it (tests, leak reports: under g_mu)
 
 }  // namespace poolscope::owned

@@ -1,10 +1,12 @@
 // Pools (pool.h states the algorithm and the invariants).
 #include "pool.h"
+#include "scope.h"
 #include "os.h"
 #include "owned.h"
 
 #include <algorithm>
 #include <chrono>
+#include <ctime>
 #include <new>
 
 namespace poolscope {
@@ -57,6 +59,16 @@ int64_t mono_us() {
   return fake >= 0 ? fake : duration_cast<microseconds>(steady_clock::now().time_since_epoch()).count();
 }
 
+int64_t mono_coarse_us() {
+  const int64_t fake = g_test_clock.load(std::memory_order_relaxed);
+  if (fake >= 0) {
+    return fake;
+  }
+  timespec now;
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &now);  // steady_clock's clock, read at the last tick
+  return int64_t{now.tv_sec} * 1000000 + now.tv_nsec / 1000;
+}
+
 bool test_clock_set() {
   return g_test_clock.load(std::memory_order_relaxed) >= 0;
 }
@@ -81,14 +93,17 @@ void Deferred::run() {
     for (Block* block : decommit_blocks) {
       os::drop_pages(block->addr, block->size);
     }
-    std::lock_guard<std::mutex> lock(g_mu);
+    Guard lock(g_mu);
     for (Block* block : decommit_blocks) {
       block->pool->settle(block);
     }
   }
   decommit_blocks.clear();
   scopes.clear();
-  charged.clear();
+  while (scope) {  // a chain through next_released (a free allocates nothing to list them)
+    std::shared_ptr<Scope> next = std::move(scope->next_released);
+    scope = std::move(next);
+  }
   context.reset();
   pool.reset();
   pools.clear();
@@ -97,7 +112,7 @@ void Deferred::run() {
 Pool::~Pool() {
   Deferred out;
   {
-    std::lock_guard<std::mutex> lock(g_mu);
+    Guard lock(g_mu);
     for (Block* block : free_blocks) {
       delete block;
     }
@@ -106,6 +121,7 @@ Pool::~Pool() {
       owned::remove(segment->base, segment->size);
     }
     out.segments = std::move(segments);
+    unregister_pool_locked(this);
   }
   out.run();
 }
@@ -186,12 +202,16 @@ void Pool::lend_from(Block* block, size_t size, size_t room) {
   block->committed = 0;
 }
 
-Block* Pool::add_segment(c10::DataPtr memory, size_t size) {
+Block* Pool::add_segment(c10::DataPtr& memory, size_t size) {
   auto segment = std::make_unique<Segment>();
   auto block_memory = block_with_node();
   segments.reserve(segments.size() + 1);
-  owned::add(static_cast<char*>(memory.get()), size);  // the last step that may throw
-  segment->base = static_cast<char*>(memory.get());
+  char* base = static_cast<char*>(memory.get());
+  base += (kGranule - reinterpret_cast<uintptr_t>(base) % kGranule) % kGranule;
+  if (!owned::add(base, size)) {  // the last step that may fail
+    return nullptr;
+  }
+  segment->base = base;
   segment->size = size;
   segment->memory = std::move(memory);
   Block* block = block_memory.release();
@@ -201,6 +221,7 @@ Block* Pool::add_segment(c10::DataPtr memory, size_t size) {
   block->size = size;
   block->freed_at_exit = exits;
   block->freed_us = mono_us();
+  segment->first = block;
   record_segment("segment_alloc", segment.get());
   segments.push_back(std::move(segment));
   segment_bytes += size;
@@ -215,7 +236,7 @@ void Pool::free_block(Block* block, Deferred& out) {
   block->bytes_requested = 0;
   block->committed = block->size;
   block->freed_at_exit = exits;
-  block->freed_us = mono_us();
+  block->freed_us = mono_coarse_us();
   block->state = BlockState::free;
   const int64_t freed_us = block->freed_us;
   insert_free(block);

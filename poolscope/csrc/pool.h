@@ -31,21 +31,29 @@
 //  2. bytes_cached is the sum of `committed` over free_blocks; bytes_in_use the sum of the sizes
 //     of allocated blocks; segment_bytes the sum of segment sizes; each segment's bytes_in_use
 //     the sum of its allocated blocks.
-//  3. A Pool lives while Python holds it or any block is lent from it (Block::owner); its
-//     destructor releases the free blocks and segments, so it runs only when none is lent.
+//  3. A Pool lives while Python holds it or any block is lent from it (Pool::keep, held while
+//     blocks_in_use > 0); its destructor releases the free blocks and segments, so it runs only
+//     when none is lent. A scope a lent block is charged to lives as long (Scope::keep, held
+//     while it is closed and blocks_in_use > 0): blocks point to their scopes without counting.
 //  4. Nothing that can run Python, and no system call that releases memory, runs under g_mu:
-//     that work goes into a Deferred and runs after unlocking.
+//     that work goes into a Deferred and runs after unlocking (but for the registry's few pages
+//     of an emptied chunk, owned.cpp).
 //  5. Running out of memory changes nothing: a lend makes everything it needs (the spare block
 //     a split takes, a new block's free-set node, the registry entry) before it changes the
 //     pool, and a free allocates nothing it cannot do without: every block carries the free
 //     set's node for it while it is out of the set (Block::node), and what a free may release
 //     past max_cached waits for the next free when the list of candidates cannot be made.
-//  6. Every segment's chunks are in the ownership table (owned.h) from before its first lend to
-//     after its release: a free whose pointer lies in no such chunk takes no lock.
+//  6. Every segment starts kGranule-aligned and its chunks are in the registry (owned.h) from
+//     before its first lend to after its release; a lent block is in its slot there from its
+//     lend until its free takes it out. A free finds its block without a lock, and a pointer that
+//     is not a lent block takes no lock at all.
 #pragma once
+
+#include "owned.h"
 
 #include <c10/core/Allocator.h>
 #include <c10/util/SmallVector.h>
+#include <pthread.h>
 
 #include <atomic>
 #include <cstddef>
@@ -65,10 +73,29 @@
 
 namespace poolscope {
 
-// The one lock: every pool, every scope's figures and the registry of lent blocks.
-extern std::mutex g_mu;
+// The one lock: every pool and every scope's figures. Critical sections last tens of
+// nanoseconds, and a thread that sleeps in the kernel for the lock costs microseconds to wake:
+// waiters spin briefly first (glibc's adaptive mutex), which made two threads on one pool
+// twice as fast (docs/performance.md).
+class EngineMutex {
+ public:
+  void lock() { pthread_mutex_lock(&mutex_); }
+  void unlock() { pthread_mutex_unlock(&mutex_); }
+  bool try_lock() { return pthread_mutex_trylock(&mutex_) == 0; }
 
-constexpr size_t kGranule = 512;            // block sizes and offsets: 64-byte alignment and more
+ private:
+#ifdef PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP
+  pthread_mutex_t mutex_ = PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP;
+#else
+  pthread_mutex_t mutex_ = PTHREAD_MUTEX_INITIALIZER;
+#endif
+};
+extern EngineMutex g_mu;
+using Guard = std::lock_guard<EngineMutex>;
+using UniqueGuard = std::unique_lock<EngineMutex>;
+
+constexpr size_t kGranule = 512;            // block sizes and addresses: 64-byte alignment and more
+static_assert(kGranule == owned::kSlotBytes, "a block starts at a registry slot");
 constexpr size_t kMinSegment = size_t{2} << 20;
 constexpr size_t kMaxLend = size_t{1} << 62;  // larger requests are never pooled (no pool could hold one)
 constexpr size_t kTraceLimit = 100000;      // events kept per pool while profiling
@@ -100,8 +127,7 @@ struct Block {
   BlockState state = BlockState::allocated;
   // While allocated:
   size_t bytes_requested = 0;
-  c10::SmallVector<std::shared_ptr<Scope>, 4> charged;  // open scopes it counts toward
-  std::shared_ptr<Pool> owner;                             // keeps the pool alive while lent
+  c10::SmallVector<Scope*, 4> charged;  // the scopes open at its lend, which it counts toward
   Context context;                                         // where it was allocated (profiling)
   // While free:
   uint64_t freed_at_exit = 0;  // the pool's exits when it was last given back
@@ -119,7 +145,8 @@ inline bool BySizeThenAddress::operator()(const Block* a, const Block* b) const 
 // Memory from the replaced allocator, carved into blocks.
 struct Segment {
   c10::DataPtr memory;
-  char* base = nullptr;
+  Block* first = nullptr;  // the block at base: never merged away while the segment lives
+  char* base = nullptr;    // kGranule-aligned, inside memory
   size_t size = 0;
   size_t bytes_in_use = 0;
 };
@@ -138,7 +165,7 @@ struct Deferred {
   std::vector<std::unique_ptr<Segment>> segments;
   std::vector<Block*> decommit_blocks;  // out of the free set until their pages are dropped
   std::vector<std::shared_ptr<Scope>> scopes;
-  c10::SmallVector<std::shared_ptr<Scope>, 4> charged;  // a freed block's scopes (moved: no allocation)
+  std::shared_ptr<Scope> scope;  // closed scopes whose last block died (chained by next_released)
   std::shared_ptr<Pool> pool;
   std::vector<std::shared_ptr<Pool>> pools;
   Context context;
@@ -184,6 +211,7 @@ struct Pool : std::enable_shared_from_this<Pool> {
   int64_t refaults = 0, bytes_refaulted = 0, bytes_released_by_pressure = 0;
 
   // Everything below is under g_mu.
+  std::shared_ptr<Pool> keep;  // this pool while any block is lent from it (invariant 3)
   FreeSet free_blocks;
   std::unique_ptr<Block> spare;  // a block with its node, for the next split (make_spare)
   std::vector<std::unique_ptr<Segment>> segments;
@@ -208,8 +236,10 @@ struct Pool : std::enable_shared_from_this<Pool> {
   Block* take(size_t size, size_t room = SIZE_MAX);
   void lend_from(Block* block, size_t size, size_t room = SIZE_MAX);  // allocates nothing: needs `spare`
   void make_spare();  // may throw bad_alloc; changes nothing else
-  // A new segment's single block, not yet in the free set.
-  Block* add_segment(c10::DataPtr memory, size_t size);
+  // A new segment's single block, not yet in the free set: `size` bytes from the first
+  // kGranule-aligned byte of `memory` (which has size + kGranule bytes). nullptr, changing
+  // nothing, when the registry cannot hold the segment (owned::add); may throw bad_alloc.
+  Block* add_segment(c10::DataPtr& memory, size_t size);  // takes `memory` when it succeeds
   void put_free(Block* block);     // into the free set, with its own node: allocates nothing
   void take_free(Block* block);    // out of the free set, keeping its node
   void discard(Block* block);      // a block merged away: kept as the spare, or deleted
@@ -257,6 +287,9 @@ inline int64_t deadline_after(int64_t start_us, int64_t delay_us) {
 
 int64_t now_us();   // wall clock (trace events)
 int64_t mono_us();  // steady clock (idle times), or the test clock while a test sets one
+// The same clock read at its last tick (a few ms behind, a tenth of mono_us's cost): when a
+// block is freed, on every free, where the idle clock's seconds do not need more.
+int64_t mono_coarse_us();
 bool test_clock_set();
 void set_test_clock(int64_t us);  // test hook: mono_us() returns `us` (-1: the real clock again)
 
@@ -269,5 +302,6 @@ void releaser_after_fork_child();  // in a forked child, under g_mu: the thread 
 // releases its cache and its clocks start over (retention.cpp).
 void release_under_pressure_locked(const std::vector<std::shared_ptr<Pool>>& pools, Deferred& out);
 std::vector<std::shared_ptr<Pool>> live_pools_locked();  // every pool alive (allocator.cpp)
+void unregister_pool_locked(Pool* pool);  // from its destructor
 
 }  // namespace poolscope

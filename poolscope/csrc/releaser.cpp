@@ -26,7 +26,7 @@ namespace {
 
 // Under g_mu. The condition variable is leaked and replaced in a forked child (a copy of one that
 // had a waiter is unusable there).
-std::condition_variable* g_cv = new std::condition_variable();
+std::condition_variable_any* g_cv = new std::condition_variable_any();
 bool g_started = false;
 int64_t g_deadline = INT64_MAX;  // when the releaser wakes next (INT64_MAX: when woken)
 uint64_t g_wakeups = 0;          // bumped by every wake-up call, so none is lost between waits
@@ -41,7 +41,7 @@ bool caches_memory_locked(const std::vector<std::shared_ptr<Pool>>& pools) {
 
 void loop() {
   pthread_setname_np(pthread_self(), "poolscope-idle");  // what tests and `top -H` see
-  std::unique_lock<std::mutex> lock(g_mu);
+  UniqueGuard lock(g_mu);
   bool low = false;
   for (;;) {
     Deferred out;
@@ -112,13 +112,13 @@ void start_releaser() {
   try {
     std::thread(loop).detach();
   } catch (const std::system_error&) {  // no thread to be had: try again with the next cached block
-    std::lock_guard<std::mutex> lock(g_mu);
+    Guard lock(g_mu);
     g_started = false;
   }
 }
 
 void releaser_after_fork_child() {
-  g_cv = new std::condition_variable();
+  g_cv = new std::condition_variable_any();
   g_started = false;
   g_deadline = INT64_MAX;
   g_watching = false;

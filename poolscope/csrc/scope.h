@@ -37,10 +37,18 @@ struct Scope : std::enable_shared_from_this<Scope> {
   // it from its stack at its next allocation, entry or exit, before routing anything else.
   std::atomic<bool> closed_elsewhere{false};
   // Under g_mu.
+  std::shared_ptr<Scope> keep;  // itself while closed with blocks alive (pool.h, invariant 3)
+  std::shared_ptr<Scope> next_released;  // the next in a Deferred's chain of scopes to let go
   bool closed = true;  // not entered, or exited: no longer charged for new blocks
   int64_t bytes_in_use = 0, blocks_in_use = 0, peak_bytes_in_use = 0;
   int64_t allocations_routed = 0, bytes_routed = 0, hits = 0, misses = 0, fallbacks = 0;
-  int64_t alloc_ns = 0;
+  // Time in the pool: each miss's, and hits' estimated from the timed ones (allocator.cpp's
+  // kTimedEvery); alloc_seconds() is the figure.
+  int64_t miss_ns = 0, timed_hit_ns = 0, timed_hits = 0;
+  double alloc_seconds() const {
+    const double hits_ns = timed_hits == 0 ? 0.0 : static_cast<double>(timed_hit_ns) * static_cast<double>(hits) / static_cast<double>(timed_hits);
+    return (static_cast<double>(miss_ns) + hits_ns) * 1e-9;
+  }
   // The last refusal past a max_bytes that it requested or that its chain passed through down
   // to the limiting scope (whichever with-block the error leaves first converts it): the serial that ends the error's message
   // (poolscope tells its refusals from other out-of-memory errors by it), why, what was alive.

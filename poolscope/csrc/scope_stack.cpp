@@ -17,6 +17,15 @@ struct ThreadStack {
   std::vector<std::shared_ptr<Scope>> scopes;
   ~ThreadStack() {
     t_innermost = nullptr;
+    // A thread that ends with scopes open closes them: its stack no longer keeps them, and
+    // blocks lent in them point to them (pool.h, invariant 3).
+    Guard lock(g_mu);
+    for (auto& scope : scopes) {
+      if (!scope->closed && scope->blocks_in_use > 0) {
+        scope->keep = scope;
+      }
+      scope->closed = true;
+    }
   }
 };
 thread_local ThreadStack t_stack;
@@ -28,7 +37,7 @@ void outermost_exit(bool counts) {
   }
   Deferred out;
   {
-    std::lock_guard<std::mutex> lock(g_mu);
+    Guard lock(g_mu);
     tick_all_locked(out);
   }
   out.run();
@@ -62,7 +71,7 @@ void enter(const std::shared_ptr<Scope>& scope) {
   scope->profiling = scope->own_profiling || (scope->parent && scope->parent->profiling);
   scope->closed_elsewhere.store(false, std::memory_order_relaxed);
   {
-    std::lock_guard<std::mutex> lock(g_mu);
+    Guard lock(g_mu);
     scope->owner.store(std::this_thread::get_id(), std::memory_order_relaxed);
     scope->closed = false;
   }
@@ -75,11 +84,14 @@ ExitResult exit(const std::shared_ptr<Scope>& scope) {
     // Another thread: a generator entered in one thread and finalized in another ends its scope
     // there. Its owner thread cannot be reached from here, so the scope closes at once (figures
     // final, charged no more) and the owner drops it before it routes anything else.
-    std::lock_guard<std::mutex> lock(g_mu);
+    Guard lock(g_mu);
     if (scope->closed) {
       return ExitResult::not_active;
     }
     scope->closed = true;
+    if (scope->blocks_in_use > 0) {
+      scope->keep = scope;  // its blocks point to it (pool.h, invariant 3)
+    }
     scope->closed_elsewhere.store(true, std::memory_order_release);
     return ExitResult::ok;
   }
@@ -92,8 +104,11 @@ ExitResult exit(const std::shared_ptr<Scope>& scope) {
   t_stack.scopes.erase(it);
   t_innermost = t_stack.scopes.empty() ? nullptr : t_stack.scopes.back().get();
   {
-    std::lock_guard<std::mutex> lock(g_mu);
+    Guard lock(g_mu);
     scope->closed = true;
+    if (scope->blocks_in_use > 0) {
+      scope->keep = scope;  // its blocks point to it (pool.h, invariant 3)
+    }
   }
   outermost_exit(scope->counts_exits);
   return ExitResult::ok;

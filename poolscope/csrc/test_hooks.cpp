@@ -9,7 +9,10 @@
 
 #include <atomic>
 #include <cstring>
+#include <mutex>
 #include <optional>
+#include <random>
+#include <stdexcept>
 #include <string>
 #include <thread>
 
@@ -33,12 +36,12 @@ struct AllocatesWhenDestroyed {
     }
     int64_t before, after;
     {
-      std::lock_guard<std::mutex> lock(g_mu);
+      Guard lock(g_mu);
       before = pool->blocks_in_use;
     }
     c10::DataPtr memory = c10::GetCPUAllocator()->allocate(size_t{2} << 20);
     {
-      std::lock_guard<std::mutex> lock(g_mu);
+      Guard lock(g_mu);
       after = pool->blocks_in_use;
     }
     g_probe_result.store(after > before ? 1 : 0);
@@ -63,7 +66,7 @@ void register_test_hooks(py::module_& m) {
       [](Pool& pool, int value) {
         // Garbage in every cached block, so that a kernel that reads memory it did not write,
         // or leaves its output unwritten, shows up.
-        std::lock_guard<std::mutex> lock(g_mu);
+        Guard lock(g_mu);
         for (Block* block : pool.free_blocks) {
           std::memset(block->addr, value, block->size);
         }
@@ -81,7 +84,7 @@ void register_test_hooks(py::module_& m) {
         // What the releaser does at its deadlines, now, on the calling thread.
         Deferred out;
         {
-          std::lock_guard<std::mutex> lock(g_mu);
+          Guard lock(g_mu);
           const int64_t now = mono_us();
           for (auto& pool : live_pools_locked()) {
             pool->release_expired(now, out);
@@ -131,6 +134,128 @@ void register_test_hooks(py::module_& m) {
       },
       py::arg("pool"), py::arg("threads"), py::arg("n"), py::arg("size"), py::arg("raw") = false,
       py::arg("depth") = 1, py::call_guard<py::gil_scoped_release>());
+  t.def(
+      "stress",
+      [](const std::shared_ptr<Pool>& pool, int threads, int64_t n, uint64_t seed) {
+        // Two or more threads, each in scopes of its own on `pool`, lend random sizes, free
+        // their own blocks and each other's (a mailbox), keep blocks alive across scope exits
+        // (escapes), nest and exit out of order, release the pool's cache and use the raw
+        // interface, all at once. Every buffer carries its serial at both ends, checked when it is
+        // freed: two buffers sharing memory would overwrite each other's. Returns the checks made;
+        // throws on a corrupted buffer. For the tests, and for the sanitizers (scripts/sanitize).
+        struct Buffer {
+          c10::DataPtr memory;
+          size_t size = 0;
+          uint64_t serial = 0;
+        };
+        std::mutex mailbox_mu;
+        std::vector<Buffer> mailbox;
+        std::atomic<uint64_t> serials{1}, checks{0};
+        std::atomic<bool> corrupted{false};
+        auto check = [&](Buffer& b) {
+          uint64_t head, tail;
+          std::memcpy(&head, b.memory.get(), 8);
+          std::memcpy(&tail, static_cast<char*>(b.memory.get()) + b.size - 8, 8);
+          if (head != b.serial || tail != b.serial) {
+            corrupted.store(true);
+          }
+          checks.fetch_add(1, std::memory_order_relaxed);
+          b.memory.clear();
+        };
+        auto work = [&](uint64_t thread_seed) {
+          std::mt19937_64 random(thread_seed);
+          c10::Allocator* allocator = c10::GetCPUAllocator();
+          auto open = [&](std::vector<std::shared_ptr<Scope>>& scopes) {
+            auto scope = std::make_shared<Scope>();
+            scope->pool = pool;
+            scope->threshold = 0;
+            enter(scope);
+            scopes.push_back(scope);
+          };
+          std::vector<std::shared_ptr<Scope>> scopes;
+          std::vector<Buffer> mine;
+          open(scopes);
+          for (int64_t i = 0; i < n; ++i) {
+            const unsigned op = random() % 100;
+            if (op < 40 || mine.empty()) {
+              if (scopes.empty()) {
+                open(scopes);
+              }
+              Buffer b;
+              b.size = 16 + (random() % 4 == 0 ? random() % (6u << 20) : random() % (256u << 10));
+              b.memory = allocator->allocate(b.size);
+              b.serial = serials.fetch_add(1, std::memory_order_relaxed);
+              std::memcpy(b.memory.get(), &b.serial, 8);
+              std::memcpy(static_cast<char*>(b.memory.get()) + b.size - 8, &b.serial, 8);
+              mine.push_back(std::move(b));
+            } else if (op < 65) {
+              size_t k = random() % mine.size();
+              std::swap(mine[k], mine.back());
+              check(mine.back());
+              mine.pop_back();
+            } else if (op < 75) {  // to another thread
+              std::lock_guard<std::mutex> lock(mailbox_mu);
+              mailbox.push_back(std::move(mine.back()));
+              mine.pop_back();
+            } else if (op < 85) {  // from another thread
+              Buffer b;
+              {
+                std::lock_guard<std::mutex> lock(mailbox_mu);
+                if (!mailbox.empty()) {
+                  b = std::move(mailbox.back());
+                  mailbox.pop_back();
+                }
+              }
+              if (b.memory) {
+                check(b);
+              }
+            } else if (op < 92) {  // exit a scope, maybe not the innermost; blocks stay alive
+              if (!scopes.empty()) {
+                size_t k = random() % scopes.size();
+                exit(scopes[k]);
+                scopes.erase(scopes.begin() + static_cast<std::ptrdiff_t>(k));
+              }
+            } else if (op < 96) {  // a nested scope
+              open(scopes);
+            } else if (op < 98) {
+              Deferred out;
+              {
+                Guard lock(g_mu);
+                pool->release(random() % 2 == 0, out);
+              }
+              out.run();
+            } else {
+              allocator->raw_deallocate(allocator->raw_allocate(16 + random() % (3u << 20)));
+            }
+            if (mine.size() > 24) {
+              check(mine.front());
+              mine.erase(mine.begin());
+            }
+          }
+          for (auto& b : mine) {
+            check(b);
+          }
+          for (auto it = scopes.rbegin(); it != scopes.rend(); ++it) {
+            exit(*it);
+          }
+        };
+        std::vector<std::thread> workers;
+        for (int k = 1; k < threads; ++k) {
+          workers.emplace_back(work, seed + static_cast<uint64_t>(k));
+        }
+        work(seed);
+        for (auto& w : workers) {
+          w.join();
+        }
+        for (auto& b : mailbox) {
+          check(b);
+        }
+        if (corrupted.load()) {
+          throw std::runtime_error("poolscope stress: a buffer's serial was overwritten (two buffers shared memory)");
+        }
+        return checks.load();
+      },
+      py::arg("pool"), py::arg("threads"), py::arg("n"), py::arg("seed"), py::call_guard<py::gil_scoped_release>());
   t.def("set_memory_root", &os::set_memory_root, py::arg("root"),
         "Read /proc and /sys/fs/cgroup under this folder (\"\": the real ones).");
   t.def(
