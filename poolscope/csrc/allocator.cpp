@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <chrono>
 #include <sstream>
+#include <utility>
 
 namespace poolscope {
 
@@ -105,15 +106,7 @@ void free_ptr(void* ptr) {
   Deferred out;
   {
     Guard lock(g_mu);
-    for (Scope* scope : block->charged) {
-      scope->bytes_in_use -= static_cast<int64_t>(block->size);
-      scope->blocks_in_use -= 1;
-      if (scope->blocks_in_use == 0 && scope->keep) {  // closed, and its last block died: it may go
-        scope->next_released = std::move(out.scope);
-        out.scope = std::move(scope->keep);
-      }
-    }
-    block->charged.clear();
+    charge_free_locked(block, out);
     Pool* pool = block->pool;
     if (block->context) {
       pool->record("free_requested", block, block->context);
@@ -121,78 +114,35 @@ void free_ptr(void* ptr) {
     }
     out.context = std::move(block->context);
     pool->free_block(block, out);
-    if (pool->blocks_in_use == 0) {
-      out.pool = std::move(pool->keep);
+    if (pool->blocks_in_use == 0 && pool->orphaned) {
+      out.dead_pool = pool;
     }
   }
   out.run();
 }
 
-// The innermost open scope of the chain whose max_bytes one more block of `size` would pass.
-Scope* over_limit(Scope* top, size_t size) {
-  for (Scope* s = top; s != nullptr; s = s->parent.get()) {
-    // Unsigned: a size near 2**63 must not wrap into a negative that passes.
-    if (!s->closed && s->max_bytes != kNone &&
-        size > static_cast<size_t>(s->max_bytes) - std::min(static_cast<size_t>(s->bytes_in_use), static_cast<size_t>(s->max_bytes))) {
-      return s;
-    }
-  }
-  return nullptr;
-}
-
-// The most bytes one more block may have without passing the max_bytes of an open scope of the
-// chain (SIZE_MAX: no scope limits it). A free block larger than the request is lent whole when
-// its tail is too small to keep; under a limit it is split to the request instead, so that a
-// scope is never charged past its max_bytes by a rounding.
-size_t room_locked(Scope* top) {
-  size_t room = SIZE_MAX;
-  for (Scope* s = top; s != nullptr; s = s->parent.get()) {
-    if (!s->closed && s->max_bytes != kNone) {
-      const auto limit = static_cast<size_t>(s->max_bytes);
-      room = std::min(room, limit - std::min(static_cast<size_t>(s->bytes_in_use), limit));
-    }
-  }
-  return room;
-}
-
 std::string limit_message(const Scope* limiting, size_t size, size_t nbytes) {
+  const ScopeFigures figures = figures_locked(*limiting);
   std::ostringstream msg;
   msg << "poolscope: pool_scope(";
   if (!limiting->name.empty()) {
     msg << "name='" << limiting->name << "', ";
   }
   msg << "max_bytes=" << limiting->max_bytes << ") refused an allocation of " << nbytes << " bytes (a "
-      << size << "-byte block): " << limiting->bytes_in_use << " bytes in " << limiting->blocks_in_use
+      << size << "-byte block): " << figures.bytes_in_use << " bytes in " << figures.blocks_in_use
       << " pooled block(s) lent on its behalf are alive. Raise max_bytes, drop tensors earlier, or pass "
          "on_limit='fallback' to let the ordinary allocator serve what does not fit.";
   return msg.str();
 }
 
-// The scopes a block lent now counts toward: the open ones of the chain. Made before the block
-// is taken, so that running out of memory here leaves the pool as it was.
-using Charged = c10::SmallVector<Scope*, 4>;
-
-Charged charged_scopes(Scope* top) {
-  Charged charged;
-  for (Scope* s = top; s != nullptr; s = s->parent.get()) {
-    if (!s->closed) {
-      charged.push_back(s);
-    }
-  }
-  return charged;
-}
-
-// Record a taken block as lent. Only the registry insertion can throw (bad_alloc); it comes first,
-// and the caller puts the block back when it does.
-c10::DataPtr register_locked(Charged& charged, Block* block, size_t nbytes, bool hit, Context context,
+// Record a taken block as lent. Nothing here allocates (the registry is a table of slots): only
+// the test hook fails, before anything changed, and the caller puts the block back then.
+c10::DataPtr register_locked(Scope* top, Block* block, size_t nbytes, bool hit, Context context,
                              int64_t spent) {  // spent: -1 for a hit not timed
   if (C10_UNLIKELY(g_fail_register.load(std::memory_order_relaxed)) && g_fail_register.exchange(false)) {
     throw std::bad_alloc();
   }
   Pool* pool = block->pool;
-  if (pool->blocks_in_use == 0) {
-    pool->keep = pool->shared_from_this();
-  }
   owned::lend(block, block->addr);
   block->bytes_requested = nbytes;
   block->context = std::move(context);
@@ -203,22 +153,7 @@ c10::DataPtr register_locked(Charged& charged, Block* block, size_t nbytes, bool
   pool->peak_bytes_in_use = std::max(pool->peak_bytes_in_use, pool->bytes_in_use);
   pool->window_peak = std::max(pool->window_peak, pool->bytes_in_use);
   (hit ? pool->hits : pool->misses) += 1;
-  const auto size = static_cast<int64_t>(block->size);
-  for (auto& s : charged) {
-    s->bytes_in_use += size;
-    s->blocks_in_use += 1;
-    s->peak_bytes_in_use = std::max(s->peak_bytes_in_use, s->bytes_in_use);
-    s->allocations_routed += 1;
-    s->bytes_routed += static_cast<int64_t>(nbytes);
-    (hit ? s->hits : s->misses) += 1;
-    if (!hit) {
-      s->miss_ns += spent;
-    } else if (spent >= 0) {
-      s->timed_hit_ns += spent;
-      s->timed_hits += 1;
-    }
-  }
-  block->charged = std::move(charged);
+  charge_lend_locked(top, block, nbytes, hit, spent);
   if (block->context) {
     try {  // the trace is a figure: losing an event to a full memory must not lose the block
       if (!pool->tracing) {
@@ -234,11 +169,7 @@ c10::DataPtr register_locked(Charged& charged, Block* block, size_t nbytes, bool
 
 void count_fallback_locked(Scope* top, Pool* pool) {
   pool->fallbacks += 1;
-  for (Scope* s = top; s != nullptr; s = s->parent.get()) {
-    if (!s->closed) {
-      s->fallbacks += 1;
-    }
-  }
+  charge_fallback_locked(top);
 }
 
 // Run `out` with g_mu dropped: segments go back to the replaced allocator, pages to the system.
@@ -360,8 +291,6 @@ void after_fork_child() {
 constexpr int64_t kTimedEvery = 16;
 
 c10::DataPtr lend(Scope* top, size_t nbytes) {
-  const bool sampled = top->hits % kTimedEvery == 0;  // only this thread changes its scope's hits
-  int64_t start_ns = sampled ? now_ns() : 0;
   // Stacks are gathered before locking: gathering takes the GIL.
   Context context = top->profiling ? gather_traceback() : Context();
   // Larger than any pool can hold (and past where rounding would wrap): never pooled.
@@ -369,7 +298,9 @@ c10::DataPtr lend(Scope* top, size_t nbytes) {
   const size_t size = poolable ? round_up(nbytes, kGranule) : nbytes;
   Pool* pool = top->pool.get();
   UniqueGuard lock(g_mu);
-  if (Scope* limiting = over_limit(top, size)) {
+  const bool sampled = top->own.hits % kTimedEvery == 0;
+  int64_t start_ns = sampled ? now_ns() : 0;
+  if (Scope* limiting = over_limit_locked(top, size)) {
     if (limiting->fallback_on_limit) {
       count_fallback_locked(top, pool);
       lock.unlock();
@@ -385,7 +316,7 @@ c10::DataPtr lend(Scope* top, size_t nbytes) {
     // when the scopes nest as the frames do, the limiting one when a paused generator's scope
     // is above it on the stack (its with-block never sees the error). So every scope from the
     // requesting one down to the limiting one records it.
-    for (Scope* s = top;; s = s->parent.get()) {
+    for (Scope* s = top; s != nullptr; s = s->parent.get()) {
       s->refusal_serial = serial;
       s->refusal_message = message;
       s->refusal_blocks = alive;
@@ -398,7 +329,6 @@ c10::DataPtr lend(Scope* top, size_t nbytes) {
     TORCH_CHECK_WITH(OutOfMemoryError, false, message);
   }
   if (poolable) {
-    Charged charged = charged_scopes(top);
     const size_t room = room_locked(top);
     bool hit = true;
     Block* block = pool->take(size, room);
@@ -407,13 +337,12 @@ c10::DataPtr lend(Scope* top, size_t nbytes) {
       if (!sampled) {
         start_ns = now_ns();
       }
-      block = grow_locked(lock, pool, size, room);
-      charged = charged_scopes(top);  // a scope may have closed while the lock was dropped
+      block = grow_locked(lock, pool, size, room);  // another thread may close a scope meanwhile
     }
     if (block != nullptr) {
       try {
         const int64_t spent = hit && !sampled ? -1 : now_ns() - start_ns;
-        return register_locked(charged, block, nbytes, hit, std::move(context), spent);
+        return register_locked(top, block, nbytes, hit, std::move(context), spent);
       } catch (...) {
         untake_locked(block);
         throw;
@@ -463,6 +392,35 @@ void fail_next_register() {
   g_fail_register.store(true);
 }
 
+std::shared_ptr<Pool> make_pool(std::string device) {
+  return std::shared_ptr<Pool>(new Pool(std::move(device)), [](Pool* pool) {
+    Deferred out;
+    {
+      Guard lock(g_mu);
+      if (pool->blocks_in_use > 0) {
+        pool->orphaned = true;  // the free of its last block deletes it
+        pool->release_down_to(0, out);  // nothing can use its cache any more
+      } else {
+        out.dead_pool = pool;
+      }
+    }
+    out.run();
+  });
+}
+
+std::shared_ptr<Scope> make_scope() {
+  return std::shared_ptr<Scope>(new Scope(), [](Scope* scope) {
+    {
+      Guard lock(g_mu);
+      if (scope->innermost_blocks > 0) {
+        scope->orphaned = true;  // the free of its last block deletes it
+        return;
+      }
+    }
+    delete scope;
+  });
+}
+
 void register_pool(const std::shared_ptr<Pool>& pool) {
   Guard lock(g_mu);
   g_pools.push_back(pool.get());
@@ -486,7 +444,7 @@ std::vector<const Block*> live_blocks_locked(const Scope* scope) {
     for (const auto& segment : pool->segments) {
       for (const Block* block = segment->first; block != nullptr; block = block->next) {
         if (block->state == BlockState::allocated && owned::lent_at(block->addr) == block &&
-            (scope == nullptr || std::find(block->charged.begin(), block->charged.end(), scope) != block->charged.end())) {
+            (scope == nullptr || charged_to_locked(block, scope))) {
           blocks.push_back(block);
         }
       }

@@ -224,26 +224,17 @@ py::list describe(const std::vector<BlockInfo>& infos, const std::vector<uintptr
 py::object scope_stats(Scope& scope) {
   // Copied under the lock, converted after it: making Python objects can run a garbage
   // collection, which can free a pooled tensor, whose deleter takes the lock.
-  int64_t routed, routed_bytes, hits, misses, fallbacks, in_use, blocks, peak;
-  double alloc_seconds;
+  ScopeFigures f;
   {
     Guard lock(g_mu);
-    routed = scope.allocations_routed;
-    routed_bytes = scope.bytes_routed;
-    hits = scope.hits;
-    misses = scope.misses;
-    fallbacks = scope.fallbacks;
-    in_use = scope.bytes_in_use;
-    blocks = scope.blocks_in_use;
-    peak = scope.peak_bytes_in_use;
-    alloc_seconds = scope.alloc_seconds();
+    f = figures_locked(scope);
   }
   return figures_type("ScopeStats")(
       py::arg("name") = scope.named ? py::object(py::str(scope.name)) : py::object(py::none()),
-      py::arg("allocations_routed") = routed, py::arg("bytes_routed") = routed_bytes, py::arg("hits") = hits,
-      py::arg("misses") = misses, py::arg("fallbacks") = fallbacks, py::arg("escaped") = blocks,
-      py::arg("bytes_in_use") = in_use, py::arg("peak_bytes_in_use") = peak,
-      py::arg("alloc_seconds") = alloc_seconds);
+      py::arg("allocations_routed") = f.counts.allocations_routed, py::arg("bytes_routed") = f.counts.bytes_routed,
+      py::arg("hits") = f.counts.hits, py::arg("misses") = f.counts.misses, py::arg("fallbacks") = f.counts.fallbacks,
+      py::arg("escaped") = f.blocks_in_use, py::arg("bytes_in_use") = f.bytes_in_use,
+      py::arg("peak_bytes_in_use") = f.peak_bytes_in_use, py::arg("alloc_seconds") = f.counts.alloc_seconds());
 }
 
 }  // namespace
@@ -286,7 +277,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   py::class_<Pool, std::shared_ptr<Pool>>(m, "Pool")
       .def(py::init([](const std::string& device, const py::object& limits) {
-             auto pool = std::make_shared<Pool>(device);
+             auto pool = make_pool(device);
              int64_t cap = limit_of(limits, "max_cached_bytes"), max_bytes = limit_of(limits, "max_bytes");
              int64_t after = limits.attr("release_after").cast<int64_t>(), idle = micros_of(limits, "release_idle_s");
              bool learn_after = limits.attr("learn_after").cast<bool>(), learn_idle = limits.attr("learn_idle").cast<bool>();
@@ -332,7 +323,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   py::class_<Scope, std::shared_ptr<Scope>>(m, "Scope")
       .def(py::init([](std::shared_ptr<Pool> pool, const py::object& options) {
-             auto scope = std::make_shared<Scope>();
+             auto scope = make_scope();
              scope->pool = std::move(pool);
              scope->threshold = options.attr("threshold").cast<size_t>();
              scope->max_bytes = limit_of(options, "max_bytes");
@@ -356,7 +347,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("reset_peak",
            [](Scope& scope) {
              Guard lock(g_mu);
-             scope.peak_bytes_in_use = scope.bytes_in_use;
+             reset_peak_locked(scope);
            })
       .def("live_blocks",
            [](Scope& scope) {

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <ctime>
 #include <new>
+#include <utility>
 
 namespace poolscope {
 
@@ -100,10 +101,12 @@ void Deferred::run() {
   }
   decommit_blocks.clear();
   scopes.clear();
-  while (scope) {  // a chain through next_released (a free allocates nothing to list them)
-    std::shared_ptr<Scope> next = std::move(scope->next_released);
-    scope = std::move(next);
+  while (dead_scopes != nullptr) {  // a chain through next_dead: a free allocates nothing to list them
+    Scope* next = dead_scopes->next_dead;
+    delete dead_scopes;
+    dead_scopes = next;
   }
+  delete std::exchange(dead_pool, nullptr);
   context.reset();
   pool.reset();
   pools.clear();

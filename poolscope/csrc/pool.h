@@ -31,10 +31,12 @@
 //  2. bytes_cached is the sum of `committed` over free_blocks; bytes_in_use the sum of the sizes
 //     of allocated blocks; segment_bytes the sum of segment sizes; each segment's bytes_in_use
 //     the sum of its allocated blocks.
-//  3. A Pool lives while Python holds it or any block is lent from it (Pool::keep, held while
-//     blocks_in_use > 0); its destructor releases the free blocks and segments, so it runs only
-//     when none is lent. A scope a lent block is charged to lives as long (Scope::keep, held
-//     while it is closed and blocks_in_use > 0): blocks point to their scopes without counting.
+//  3. A Pool lives while anything holds it or any block is lent from it, and a Scope while
+//     anything holds it or any block is charged to it: the deleter of their shared_ptr (make_pool,
+//     make_scope) deletes one only when none is, else marks it orphaned, and the free of its last
+//     block deletes it. So blocks point to their pool and scopes without counting references, and
+//     a lend or a free touches no reference count. A pool's destructor releases its free blocks
+//     and segments, so it runs only when none is lent.
 //  4. Nothing that can run Python, and no system call that releases memory, runs under g_mu:
 //     that work goes into a Deferred and runs after unlocking (but for the registry's few pages
 //     of an emptied chunk, owned.cpp).
@@ -127,7 +129,8 @@ struct Block {
   BlockState state = BlockState::allocated;
   // While allocated:
   size_t bytes_requested = 0;
-  c10::SmallVector<Scope*, 4> charged;  // the scopes open at its lend, which it counts toward
+  Scope* scope = nullptr;  // the innermost scope at its lend (charging.cpp)
+  uint64_t serial = 0;     // its stack's serial at its lend
   Context context;                                         // where it was allocated (profiling)
   // While free:
   uint64_t freed_at_exit = 0;  // the pool's exits when it was last given back
@@ -165,7 +168,8 @@ struct Deferred {
   std::vector<std::unique_ptr<Segment>> segments;
   std::vector<Block*> decommit_blocks;  // out of the free set until their pages are dropped
   std::vector<std::shared_ptr<Scope>> scopes;
-  std::shared_ptr<Scope> scope;  // closed scopes whose last block died (chained by next_released)
+  Scope* dead_scopes = nullptr;  // orphaned scopes whose last block died (chained by next_dead)
+  Pool* dead_pool = nullptr;     // an orphaned pool whose last block died
   std::shared_ptr<Pool> pool;
   std::vector<std::shared_ptr<Pool>> pools;
   Context context;
@@ -211,7 +215,7 @@ struct Pool : std::enable_shared_from_this<Pool> {
   int64_t refaults = 0, bytes_refaulted = 0, bytes_released_by_pressure = 0;
 
   // Everything below is under g_mu.
-  std::shared_ptr<Pool> keep;  // this pool while any block is lent from it (invariant 3)
+  bool orphaned = false;  // its last reference is gone; the free of its last block deletes it
   FreeSet free_blocks;
   std::unique_ptr<Block> spare;  // a block with its node, for the next split (make_spare)
   std::vector<std::unique_ptr<Segment>> segments;
@@ -302,6 +306,7 @@ void releaser_after_fork_child();  // in a forked child, under g_mu: the thread 
 // releases its cache and its clocks start over (retention.cpp).
 void release_under_pressure_locked(const std::vector<std::shared_ptr<Pool>>& pools, Deferred& out);
 std::vector<std::shared_ptr<Pool>> live_pools_locked();  // every pool alive (allocator.cpp)
+std::shared_ptr<Pool> make_pool(std::string device);      // invariant 3's deleter (allocator.cpp)
 void unregister_pool_locked(Pool* pool);  // from its destructor
 
 }  // namespace poolscope

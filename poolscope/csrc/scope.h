@@ -5,14 +5,17 @@
 // The allocator (allocator.cpp) is installed in place of PyTorch's CPU allocator: outside a
 // scope, or below the innermost scope's threshold, it forwards to the allocator it replaced;
 // inside, it lends from the scope's pool (pool.h) and charges the block to every open scope of
-// the chain, for their figures and max_bytes.
+// the thread (charging.cpp), for their figures and max_bytes.
 #pragma once
 
 #include "pool.h"
 
+#include <cstdint>
 #include <thread>
 
 namespace poolscope {
+
+struct Scope;
 
 struct BlockInfo {
   size_t size;
@@ -20,10 +23,36 @@ struct BlockInfo {
   Context context;
 };
 
+// What a scope counts of the lends made while it was open: routed, hits, misses, fallbacks,
+// and time in the pool (each miss's; hits' estimated from the timed ones, allocator.cpp).
+struct Counts {
+  int64_t allocations_routed = 0, bytes_routed = 0, hits = 0, misses = 0, fallbacks = 0;
+  int64_t miss_ns = 0, timed_hit_ns = 0, timed_hits = 0;
+  void add(const Counts& other);
+  double alloc_seconds() const;
+};
+
+// A scope's figures, as poolscope.ScopeStats names them.
+struct ScopeFigures {
+  Counts counts;
+  int64_t bytes_in_use = 0, blocks_in_use = 0, peak_bytes_in_use = 0;
+};
+
+// A thread's open scopes, outermost first, and the bytes charged to them (charging.cpp).
+// Under g_mu: frees and closes from other threads change it too.
+struct Stack {
+  std::vector<Scope*> levels;
+  std::vector<Scope*> limited;  // the levels with a max_bytes, outermost first
+  int64_t bytes = 0, blocks = 0;  // alive and charged to the outermost level (so to some level)
+  uint64_t serial = 0;           // lends and closes so far: which blocks a closed scope counts
+  int64_t buried = 0;            // closed scopes beneath open levels that still count live blocks
+};
+
 // One activation of a pool scope on one thread.
 struct Scope : std::enable_shared_from_this<Scope> {
   std::shared_ptr<Pool> pool;
   std::shared_ptr<Scope> parent;  // the thread's innermost open scope when this one was entered
+  std::shared_ptr<Stack> stack;   // its thread's, from its entry
   size_t threshold = 0;
   int64_t max_bytes = kNone;
   bool fallback_on_limit = false;
@@ -37,18 +66,19 @@ struct Scope : std::enable_shared_from_this<Scope> {
   // it from its stack at its next allocation, entry or exit, before routing anything else.
   std::atomic<bool> closed_elsewhere{false};
   // Under g_mu.
-  std::shared_ptr<Scope> keep;  // itself while closed with blocks alive (pool.h, invariant 3)
-  std::shared_ptr<Scope> next_released;  // the next in a Deferred's chain of scopes to let go
+  bool orphaned = false;      // its last reference is gone; the free of its last block deletes it
+  Scope* next_dead = nullptr;  // the next in a Deferred's chain of scopes to delete
   bool closed = true;  // not entered, or exited: no longer charged for new blocks
-  int64_t bytes_in_use = 0, blocks_in_use = 0, peak_bytes_in_use = 0;
-  int64_t allocations_routed = 0, bytes_routed = 0, hits = 0, misses = 0, fallbacks = 0;
-  // Time in the pool: each miss's, and hits' estimated from the timed ones (allocator.cpp's
-  // kTimedEvery); alloc_seconds() is the figure.
-  int64_t miss_ns = 0, timed_hit_ns = 0, timed_hits = 0;
-  double alloc_seconds() const {
-    const double hits_ns = timed_hits == 0 ? 0.0 : static_cast<double>(timed_hit_ns) * static_cast<double>(hits) / static_cast<double>(timed_hits);
-    return (static_cast<double>(miss_ns) + hits_ns) * 1e-9;
-  }
+  // While open (charging.cpp): its level on the stack and what its figures are made of.
+  size_t level = 0;
+  int64_t below = 0, below_blocks = 0;  // alive and charged to the levels beneath it
+  int64_t pending_max = 0;  // the stack's most bytes alive since this level's peak was last settled
+  Counts own;               // lends while innermost, and the counts of inner scopes closed since
+  // Peak settled so far while open; once closed, its final figures but for what is still alive.
+  ScopeFigures figures;
+  uint64_t closed_serial = UINT64_MAX;  // the stack's serial at its close
+  bool buried = false;  // closed beneath open levels, still counting live blocks (charging.cpp)
+  int64_t innermost_blocks = 0;  // alive blocks lent while it was innermost (invariant 3 counts these)
   // The last refusal past a max_bytes that it requested or that its chain passed through down
   // to the limiting scope (whichever with-block the error leaves first converts it): the serial that ends the error's message
   // (poolscope tells its refusals from other out-of-memory errors by it), why, what was alive.
@@ -56,6 +86,23 @@ struct Scope : std::enable_shared_from_this<Scope> {
   std::string refusal_message;
   std::vector<BlockInfo> refusal_blocks;
 };
+
+// Charging (charging.cpp), all under g_mu. A block counts toward every scope of its thread's
+// stack that was open at its lend; each costs O(1) however deep the stack, but for a free below
+// the innermost level (O(levels above it)) and a free of a block that escaped closed scopes
+// (O(those scopes)).
+void push_locked(Stack& stack, Scope* scope);
+void pop_locked(Scope* scope);  // any level: out-of-order and cross-thread exits
+// The innermost open scope whose max_bytes one more block of `size` would pass, or nullptr.
+Scope* over_limit_locked(const Scope* top, size_t size);
+// The most bytes one more block may have without passing any max_bytes (SIZE_MAX: no limit).
+size_t room_locked(const Scope* top);
+void charge_lend_locked(Scope* top, Block* block, size_t nbytes, bool hit, int64_t spent_ns);
+void charge_fallback_locked(Scope* top);
+void charge_free_locked(Block* block, Deferred& out);
+ScopeFigures figures_locked(const Scope& scope);
+void reset_peak_locked(Scope& scope);
+bool charged_to_locked(const Block* block, const Scope* scope);
 
 enum class ExitResult { ok, not_active };
 
@@ -78,6 +125,7 @@ bool install();
 void register_fork_handlers();
 bool installed();
 void register_pool(const std::shared_ptr<Pool>& pool);
+std::shared_ptr<Scope> make_scope();  // pool.h's invariant 3: the only way to make a Scope
 c10::DataPtr lend(Scope* top, size_t nbytes);
 void fail_growth(int mode);  // test hook: growing a pool fails (1: out of memory, 2: a non-std exception)
 void fail_next_register();  // test hook: the next lend runs out of memory after taking its block

@@ -14,17 +14,16 @@ thread_local Scope* t_innermost = nullptr;
 namespace {
 
 struct ThreadStack {
-  std::vector<std::shared_ptr<Scope>> scopes;
+  std::vector<std::shared_ptr<Scope>> scopes;  // entered on this thread, not yet dropped from it
+  std::shared_ptr<Stack> stack;                // the open ones, as charging sees them
   ~ThreadStack() {
     t_innermost = nullptr;
-    // A thread that ends with scopes open closes them: its stack no longer keeps them, and
-    // blocks lent in them point to them (pool.h, invariant 3).
+    // A thread that ends with scopes open closes them: nothing can enter or exit them any more.
     Guard lock(g_mu);
-    for (auto& scope : scopes) {
-      if (!scope->closed && scope->blocks_in_use > 0) {
-        scope->keep = scope;
+    for (auto it = scopes.rbegin(); it != scopes.rend(); ++it) {
+      if (!(*it)->closed) {
+        pop_locked(it->get());
       }
-      scope->closed = true;
     }
   }
 };
@@ -70,10 +69,15 @@ void enter(const std::shared_ptr<Scope>& scope) {
   scope->parent = t_stack.scopes.empty() ? nullptr : t_stack.scopes.back();
   scope->profiling = scope->own_profiling || (scope->parent && scope->parent->profiling);
   scope->closed_elsewhere.store(false, std::memory_order_relaxed);
+  if (!t_stack.stack) {
+    t_stack.stack = std::make_shared<Stack>();
+  }
+  scope->stack = t_stack.stack;
+  t_stack.scopes.reserve(t_stack.scopes.size() + 1);  // no failure once the scope is pushed
   {
     Guard lock(g_mu);
     scope->owner.store(std::this_thread::get_id(), std::memory_order_relaxed);
-    scope->closed = false;
+    push_locked(*t_stack.stack, scope.get());
   }
   t_stack.scopes.push_back(scope);
   t_innermost = scope.get();
@@ -88,10 +92,7 @@ ExitResult exit(const std::shared_ptr<Scope>& scope) {
     if (scope->closed) {
       return ExitResult::not_active;
     }
-    scope->closed = true;
-    if (scope->blocks_in_use > 0) {
-      scope->keep = scope;  // its blocks point to it (pool.h, invariant 3)
-    }
+    pop_locked(scope.get());
     scope->closed_elsewhere.store(true, std::memory_order_release);
     return ExitResult::ok;
   }
@@ -105,10 +106,7 @@ ExitResult exit(const std::shared_ptr<Scope>& scope) {
   t_innermost = t_stack.scopes.empty() ? nullptr : t_stack.scopes.back().get();
   {
     Guard lock(g_mu);
-    scope->closed = true;
-    if (scope->blocks_in_use > 0) {
-      scope->keep = scope;  // its blocks point to it (pool.h, invariant 3)
-    }
+    pop_locked(scope.get());
   }
   outermost_exit(scope->counts_exits);
   return ExitResult::ok;

@@ -104,7 +104,7 @@ void register_test_hooks(py::module_& m) {
         auto work = [&] {
           std::vector<std::shared_ptr<Scope>> scopes;
           for (int d = 0; pool && d < depth; ++d) {
-            auto scope = std::make_shared<Scope>();
+            auto scope = make_scope();
             scope->pool = pool;
             scope->threshold = 0;
             scope->counts_exits = false;
@@ -166,7 +166,7 @@ void register_test_hooks(py::module_& m) {
           std::mt19937_64 random(thread_seed);
           c10::Allocator* allocator = c10::GetCPUAllocator();
           auto open = [&](std::vector<std::shared_ptr<Scope>>& scopes) {
-            auto scope = std::make_shared<Scope>();
+            auto scope = make_scope();
             scope->pool = pool;
             scope->threshold = 0;
             enter(scope);
@@ -286,7 +286,7 @@ void register_test_hooks(py::module_& m) {
         g_probe_result.store(-1);
         std::thread([pool, threshold] {
           t_probe.pool = pool.get();
-          auto scope = std::make_shared<Scope>();
+          auto scope = make_scope();
           scope->pool = pool;
           scope->threshold = static_cast<size_t>(threshold);
           enter(scope);

@@ -39,8 +39,8 @@ from .._torch_compat import cxx11_abi
 
 __all__ = ["BuildError", "build_dir", "load"]
 
-_SOURCES = ("os.cpp", "pressure.cpp", "owned.cpp", "pool.cpp", "retention.cpp", "releaser.cpp", "scope_stack.cpp",
-            "allocator.cpp", "torch_compat.cpp", "test_hooks.cpp", "bindings.cpp")
+_SOURCES = ("os.cpp", "pressure.cpp", "owned.cpp", "pool.cpp", "retention.cpp", "releaser.cpp", "charging.cpp",
+            "scope_stack.cpp", "allocator.cpp", "torch_compat.cpp", "test_hooks.cpp", "bindings.cpp")
 _HEADERS = ("os.h", "owned.h", "pool.h", "scope.h", "test_hooks.h", "torch_compat.h")
 _CFLAGS = ("-O2",)
 # Extra compile and link flags, for sanitizer builds (scripts/sanitize); part of the cache key.
