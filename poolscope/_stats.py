@@ -25,7 +25,10 @@ class PoolStats:
     Bytes "in use" are the bytes of blocks lent to live tensors (at most 1.25x
     what they asked for, ``bytes_requested``); "cached" bytes are idle blocks
     that may still be resident and can be lent again without page faults;
-    ``bytes_reserved`` is their sum. Cached memory that no allocation reused
+    ``bytes_reserved`` is their sum (blocks a thread keeps for its next lends
+    count as cached: a snapshot gives them back to the pool first). ``peak_bytes_in_use``
+    is exact for one thread; with several, it may count blocks other threads
+    kept for their next lends (at most 32 MiB each). Cached memory that no allocation reused
     during the last ``release_after`` outermost-scope exits goes back to the
     system (``bytes_released_by_exits``), and so does memory nothing used for
     ``release_idle_s`` seconds (``bytes_released_by_time``); ``bytes_released``
@@ -89,7 +92,8 @@ class ScopeStats:
     (at exit, once exited) and ``peak_bytes_in_use`` the most that was alive at
     once (``PoolScope.reset_peak`` restarts it). ``fallbacks`` counts
     allocations the ordinary allocator served instead (``on_limit="fallback"``,
-    or a pool that could not grow); ``alloc_seconds`` is time spent in the pool.
+    or a pool that could not grow); ``alloc_seconds`` is time spent in the pool
+    (every miss timed; hits estimated from a scope's first and every 16th).
     """
 
     name: Optional[str]

@@ -104,10 +104,31 @@ void free_ptr(void* ptr) {
   }
   // Nothing below allocates: a free runs in a deleter and must not fail.
   Deferred out;
+  Pool* pool = block->pool;
+  Stack& stack = *block->scope->stack;
+  // The fast path: the thread that lent it holds it for its next lend (held.cpp), under its
+  // stack's lock only.
+  if (&stack == this_thread_stack() && !block->context && block->size <= kHeldLargest &&
+      pool->holdable.load(std::memory_order_relaxed)) {
+    bool held;
+    {
+      StackGuard guard(stack.mu);
+      held = hold_locked(stack, block);
+      if (held) {
+        charge_free_locked(block, out);
+      }
+    }
+    if (held) {
+      out.run();
+      return;
+    }
+  }
   {
     Guard lock(g_mu);
-    charge_free_locked(block, out);
-    Pool* pool = block->pool;
+    {
+      StackGuard guard(stack.mu);
+      charge_free_locked(block, out);
+    }
     if (block->context) {
       pool->record("free_requested", block, block->context);
       pool->record("free_completed", block, block->context);
@@ -115,7 +136,7 @@ void free_ptr(void* ptr) {
     out.context = std::move(block->context);
     pool->free_block(block, out);
     if (pool->blocks_in_use == 0 && pool->orphaned) {
-      out.dead_pool = pool;
+      out.bury(pool);
     }
   }
   out.run();
@@ -135,6 +156,17 @@ std::string limit_message(const Scope* limiting, size_t size, size_t nbytes) {
   return msg.str();
 }
 
+// The pool's bytes in use reached `in_use` (its held blocks, which it counts as lent, less the
+// calling thread's): its peak and the exits window's rise to it. Without g_mu from a held lend;
+// other threads' held blocks may count (at most kHeldBytes each).
+void note_peak(Pool* pool, size_t in_use) {
+  for (auto* peak : {&pool->peak_bytes_in_use, &pool->window_peak}) {
+    size_t seen = peak->load(std::memory_order_relaxed);
+    while (in_use > seen && !peak->compare_exchange_weak(seen, in_use, std::memory_order_relaxed)) {
+    }
+  }
+}
+
 // Record a taken block as lent. Nothing here allocates (the registry is a table of slots): only
 // the test hook fails, before anything changed, and the caller puts the block back then.
 c10::DataPtr register_locked(Scope* top, Block* block, size_t nbytes, bool hit, Context context,
@@ -143,21 +175,25 @@ c10::DataPtr register_locked(Scope* top, Block* block, size_t nbytes, bool hit, 
     throw std::bad_alloc();
   }
   Pool* pool = block->pool;
-  owned::lend(block, block->addr);
   block->bytes_requested = nbytes;
   block->context = std::move(context);
   pool->bytes_in_use += block->size;
   pool->bytes_requested += nbytes;
   pool->blocks_in_use += 1;
   block->segment->bytes_in_use += block->size;
-  pool->peak_bytes_in_use = std::max(pool->peak_bytes_in_use, pool->bytes_in_use);
-  pool->window_peak = std::max(pool->window_peak, pool->bytes_in_use);
   (hit ? pool->hits : pool->misses) += 1;
-  charge_lend_locked(top, block, nbytes, hit, spent);
+  {
+    Stack& stack = *top->stack;
+    StackGuard guard(stack.mu);
+    note_peak(pool, pool->bytes_in_use - (stack.held_pool == pool ? stack.held_bytes : 0));
+    charge_lend_locked(top, block, nbytes, hit, spent);
+  }
+  owned::lend(block, block->addr);  // last: a free that finds it finds it whole
   if (block->context) {
     try {  // the trace is a figure: losing an event to a full memory must not lose the block
       if (!pool->tracing) {
         pool->tracing = true;
+        pool->holdable.store(false, std::memory_order_relaxed);  // every free is traced from now on
         pool->record_segment("segment_alloc", block->segment);
       }
       pool->record("alloc", block, block->context);
@@ -262,9 +298,11 @@ void untake_locked(Block* block) {
 
 void prepare_fork() {
   g_mu.lock();
+  lock_all_stacks_locked();  // no thread is inside a lend or free of its held blocks
 }
 
 void after_fork() {
+  unlock_all_stacks_locked();
   g_mu.unlock();
 }
 
@@ -273,6 +311,7 @@ std::vector<std::shared_ptr<Pool>>* g_forked_pools = nullptr;
 
 void after_fork_child() {
   // Only the forking thread came along: nothing another thread had in flight will finish here.
+  after_fork_child_all_locked();  // the other threads' held blocks: theirs no more
   releaser_after_fork_child();
   g_forked_pools = new std::vector<std::shared_ptr<Pool>>(live_pools_locked());
   for (auto& pool : *g_forked_pools) {
@@ -290,27 +329,76 @@ void after_fork_child() {
 // count at their mean; every miss is timed.
 constexpr int64_t kTimedEvery = 16;
 
+// A lend the thread's held blocks serve (held.cpp), under its stack's lock only; nullptr when they
+// do not: limits and profiling take the locked path, where refusals and stacks are exact.
+Block* lend_held(Scope* top, Pool* pool, size_t size, size_t nbytes) {
+  Stack& stack = *top->stack;
+  StackGuard guard(stack.mu);
+  if (top->closed || !stack.limited.empty()) {
+    return nullptr;
+  }
+  Block* block = take_held_locked(stack, pool, size);
+  if (block == nullptr) {
+    return nullptr;
+  }
+  const bool timed = top->own.hits % kTimedEvery == 0;
+  const int64_t start_ns = timed ? now_ns() : 0;
+  block->bytes_requested = nbytes;
+  stack.held_hits += 1;
+  stack.held_requested += static_cast<int64_t>(nbytes);
+  note_peak(pool, pool->bytes_in_use.load(std::memory_order_relaxed) - stack.held_bytes);
+  charge_lend_locked(top, block, nbytes, true, timed ? now_ns() - start_ns : -1);
+  owned::lend(block, block->addr);  // last: a free that finds it finds it whole
+  return block;
+}
+
 c10::DataPtr lend(Scope* top, size_t nbytes) {
+  Pool* pool = top->pool.get();
+  if (!top->profiling && nbytes <= kHeldLargest) {
+    if (Block* block = lend_held(top, pool, round_up(nbytes, kGranule), nbytes)) {
+      return c10::DataPtr(block->addr, block->addr, &free_ptr, c10::Device(c10::DeviceType::CPU));
+    }
+  }
   // Stacks are gathered before locking: gathering takes the GIL.
   Context context = top->profiling ? gather_traceback() : Context();
   // Larger than any pool can hold (and past where rounding would wrap): never pooled.
   const bool poolable = nbytes <= kMaxLend;
   const size_t size = poolable ? round_up(nbytes, kGranule) : nbytes;
-  Pool* pool = top->pool.get();
+  Stack& stack = *top->stack;
+  struct RunAfterUnlock {  // destroyed after `lock`: runs once g_mu is released, on every path
+    Deferred out;
+    ~RunAfterUnlock() { out.run(); }
+  } after_unlock;
   UniqueGuard lock(g_mu);
-  const bool sampled = top->own.hits % kTimedEvery == 0;
+  bool sampled;
+  Scope* limiting;
+  size_t room;
+  {
+    StackGuard guard(stack.mu);
+    sampled = top->own.hits % kTimedEvery == 0;
+    limiting = over_limit_locked(top, size);
+    room = room_locked(top);
+    if (stack.held_pool != nullptr && stack.held_pool != pool) {
+      // Held blocks of another pool: back to it, so that this one's frees can be held.
+      return_held_locked(stack, &after_unlock.out);
+    }
+  }
   int64_t start_ns = sampled ? now_ns() : 0;
-  if (Scope* limiting = over_limit_locked(top, size)) {
+  if (limiting != nullptr) {
     if (limiting->fallback_on_limit) {
       count_fallback_locked(top, pool);
       lock.unlock();
       return replaced_allocator()->allocate(nbytes);
     }
     const int64_t serial = g_refusals.fetch_add(1, std::memory_order_relaxed) + 1;
-    std::string message = limit_message(limiting, size, nbytes);
+    std::string message;
     std::vector<BlockInfo> alive;
-    for (const Block* block : live_blocks_locked(limiting)) {
-      alive.push_back(BlockInfo{block->size, block->bytes_requested, block->context});
+    {
+      AllStacksGuard stacks;  // the blocks charged to it are read (held.cpp's invariants)
+      message = limit_message(limiting, size, nbytes);
+      for (const Block* block : live_blocks_locked(limiting)) {
+        alive.push_back(BlockInfo{block->size, block->bytes_requested, block->context});
+      }
     }
     // Whichever scope the error leaves first turns it into ScopeLimitError: the innermost one
     // when the scopes nest as the frames do, the limiting one when a paused generator's scope
@@ -329,9 +417,16 @@ c10::DataPtr lend(Scope* top, size_t nbytes) {
     TORCH_CHECK_WITH(OutOfMemoryError, false, message);
   }
   if (poolable) {
-    const size_t room = room_locked(top);
     bool hit = true;
     Block* block = pool->take(size, room);
+    if (block == nullptr) {
+      // What this thread holds of the pool may serve it split: back into the pool before it grows.
+      StackGuard guard(stack.mu);
+      if (stack.held_pool == pool && stack.held_count > 0) {
+        return_held_locked(stack, &after_unlock.out);
+        block = pool->take(size, room);
+      }
+    }
     if (block == nullptr) {
       hit = false;
       if (!sampled) {
@@ -397,11 +492,13 @@ std::shared_ptr<Pool> make_pool(std::string device) {
     Deferred out;
     {
       Guard lock(g_mu);
+      pool->holdable.store(false, std::memory_order_relaxed);
+      return_all_held_locked(out, pool);
       if (pool->blocks_in_use > 0) {
         pool->orphaned = true;  // the free of its last block deletes it
         pool->release_down_to(0, out);  // nothing can use its cache any more
       } else {
-        out.dead_pool = pool;
+        out.bury(pool);
       }
     }
     out.run();

@@ -71,10 +71,13 @@ py::object seconds_or_none(int64_t us) {
 
 py::object pool_stats(Pool& pool) {
   PoolFigures f;
+  Deferred out;
   {
     Guard lock(g_mu);
+    return_all_held_locked(out, &pool);  // exact figures: what threads hold is cached
     f = pool.figures();
   }
+  out.run();
   return figures_type("PoolStats")(
       py::arg("device") = pool.device, py::arg("bytes_in_use") = f.bytes_in_use,
       py::arg("bytes_requested") = f.bytes_requested, py::arg("bytes_cached") = f.bytes_cached,
@@ -108,8 +111,11 @@ struct SegmentCopy {
 
 py::list pool_segments(Pool& pool) {
   std::vector<SegmentCopy> copies;
+  Deferred returned;
   {
     Guard lock(g_mu);
+    return_all_held_locked(returned, &pool);  // held blocks are free blocks, as the listing shows them
+    AllStacksGuard stacks;                    // lent blocks' fields (held.cpp's invariants)
     for (const auto& segment : pool.segments) {
       copies.push_back(SegmentCopy{reinterpret_cast<uintptr_t>(segment->base), segment->size, {}});
     }
@@ -135,6 +141,7 @@ py::list pool_segments(Pool& pool) {
       }
     }
   }
+  returned.run();
   std::vector<Context> contexts;
   for (const auto& seg : copies) {
     for (const auto& b : seg.blocks) {
@@ -227,7 +234,12 @@ py::object scope_stats(Scope& scope) {
   ScopeFigures f;
   {
     Guard lock(g_mu);
-    f = figures_locked(scope);
+    if (scope.stack) {
+      StackGuard guard(scope.stack->mu);
+      f = figures_locked(scope);
+    } else {
+      f = figures_locked(scope);  // never entered
+    }
   }
   return figures_type("ScopeStats")(
       py::arg("name") = scope.named ? py::object(py::str(scope.name)) : py::object(py::none()),
@@ -347,7 +359,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("reset_peak",
            [](Scope& scope) {
              Guard lock(g_mu);
-             reset_peak_locked(scope);
+             if (scope.stack) {
+               StackGuard guard(scope.stack->mu);
+               reset_peak_locked(scope);
+             }
            })
       .def("live_blocks",
            [](Scope& scope) {
@@ -355,6 +370,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              std::vector<uintptr_t> addresses;
              {
                Guard lock(g_mu);
+               AllStacksGuard stacks;
                for (const Block* block : live_blocks_locked(&scope)) {
                  infos.push_back(BlockInfo{block->size, block->bytes_requested, block->context});
                  addresses.push_back(reinterpret_cast<uintptr_t>(block->addr));

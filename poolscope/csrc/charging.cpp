@@ -20,7 +20,7 @@
 // levels above the scope read. A scope closed beneath open ones (a generator's, exited inside its
 // caller's scope) is `buried`: while one still counts live blocks, frees walk the whole chain.
 //
-// Invariants (under g_mu), for a stack with levels L[0..top]:
+// Invariants (under the stack's mu), for a stack with levels L[0..top]:
 //  1. L[i]->level == i; L[0]->below == 0 and below never decreases with i; L[i]'s bytes alive
 //     are stack.bytes - L[i]->below (blocks likewise).
 //  2. Settle times never decrease with i (settling a level settles those above it), so L[i]'s

@@ -78,6 +78,13 @@ void set_test_clock(int64_t us) {
   g_test_clock.store(us, std::memory_order_relaxed);
 }
 
+void Deferred::bury(Pool* pool) {
+  if (!pool->buried) {
+    pool->buried = true;
+    pool->next_dead = std::exchange(dead_pools, pool);
+  }
+}
+
 void Deferred::run() {
   if (start_releaser) {
     start_releaser = false;
@@ -106,7 +113,11 @@ void Deferred::run() {
     delete dead_scopes;
     dead_scopes = next;
   }
-  delete std::exchange(dead_pool, nullptr);
+  while (dead_pools != nullptr) {
+    Pool* next = dead_pools->next_dead;
+    delete dead_pools;
+    dead_pools = next;
+  }
   context.reset();
   pool.reset();
   pools.clear();
@@ -350,7 +361,7 @@ void Pool::release_segments_smaller_than(size_t size, Deferred& out) {
     release_block(block, out);
   }
   std::sort(fresh.begin(), fresh.end(), [](const Block* a, const Block* b) { return a->freed_us < b->freed_us; });
-  const size_t bound = 2 * (bytes_in_use + size);
+  const size_t bound = 2 * (bytes_in_use.load(std::memory_order_relaxed) + size);
   for (Block* block : fresh) {
     if (segment_bytes + size <= bound) {
       break;
@@ -403,7 +414,8 @@ void Pool::release_block(Block* block, Deferred& out, Reason reason) {
 }
 
 size_t Pool::working_set() const {
-  return recent_peaks.empty() ? window_peak : std::max(window_peak, recent_peaks.front().second);
+  const size_t window = window_peak.load(std::memory_order_relaxed);
+  return recent_peaks.empty() ? window : std::max(window, recent_peaks.front().second);
 }
 
 void Pool::release_stale(Deferred& out) {
@@ -447,7 +459,7 @@ int64_t Pool::release_expired(int64_t now, Deferred& out) {
 
 void Pool::tick(Deferred& out) {
   // The working set is a figure for stats(): the peak in use between exits, over the window.
-  size_t peak = window_peak;
+  size_t peak = window_peak.load(std::memory_order_relaxed);
   while (!recent_peaks.empty() && recent_peaks.back().second <= peak) {
     recent_peaks.pop_back();
   }
@@ -457,7 +469,7 @@ void Pool::tick(Deferred& out) {
          (hold_after <= 0 || recent_peaks.front().first + static_cast<uint64_t>(hold_after) < exits)) {
     recent_peaks.pop_front();
   }
-  window_peak = bytes_in_use;
+  window_peak.store(bytes_in_use.load(std::memory_order_relaxed), std::memory_order_relaxed);
   release_stale(out);
   POOLSCOPE_CHECK(this);
 }
@@ -504,7 +516,11 @@ void Pool::configure(int64_t cap, int64_t limit, int64_t after, bool learn_exits
     forget_learned();
   }
   if (max_cached != kNone) {
+    holdable.store(false, std::memory_order_relaxed);  // held blocks would escape the cap
+    return_all_held_locked(out, this);
     release_down_to(static_cast<size_t>(max_cached), out);
+  } else if (!tracing) {
+    holdable.store(true, std::memory_order_relaxed);
   }
   if (hold_idle_us != kNone) {
     // Blocks cached before the setting: the releaser must see their deadlines too.
@@ -514,6 +530,7 @@ void Pool::configure(int64_t cap, int64_t limit, int64_t after, bool learn_exits
 }
 
 void Pool::release(bool everything, Deferred& out) {
+  return_all_held_locked(out, this);  // what threads hold is cached memory too
   if (everything) {
     release_down_to(0, out);
   } else {

@@ -22,14 +22,19 @@
 // Low memory (pressure.cpp) releases every cached block at once and starts the clocks over.
 // Caps (max_cached, max_bytes) release oldest first (release_down_to).
 //
+// Locks. g_mu guards every pool; each thread's Stack (scope.h: its scopes' charging and the
+// blocks it holds) has a lock of its own, taken after g_mu and alone by the thread's own lends and
+// frees of held blocks (held.cpp), which take no other lock.
+//
 // Invariants (under g_mu; check_invariants() asserts them in debug builds):
-//  1. Every block of a segment is in exactly one state: allocated (in the allocator's registry
-//     of lent blocks), free (in free_blocks), or decommitting (in neither, in the pool's
+//  1. Every block of a segment is in exactly one state: allocated (lent: in the registry of lent
+//     blocks, owned.h; or held by one thread's stack, held.cpp), free (in free_blocks), or
+//     decommitting (in neither, in the pool's
 //     `decommitting` and a Deferred's list until its pages are dropped, then free again).
 //     Blocks of a segment tile it: each block's next starts where it ends, and no two free
 //     blocks are neighbours once merged.
 //  2. bytes_cached is the sum of `committed` over free_blocks; bytes_in_use the sum of the sizes
-//     of allocated blocks; segment_bytes the sum of segment sizes; each segment's bytes_in_use
+//     of allocated blocks, held ones included; segment_bytes the sum of segment sizes; each segment's bytes_in_use
 //     the sum of its allocated blocks.
 //  3. A Pool lives while anything holds it or any block is lent from it, and a Scope while
 //     anything holds it or any block is charged to it: the deleter of their shared_ptr (make_pool,
@@ -75,10 +80,10 @@
 
 namespace poolscope {
 
-// The one lock: every pool and every scope's figures. Critical sections last tens of
-// nanoseconds, and a thread that sleeps in the kernel for the lock costs microseconds to wake:
-// waiters spin briefly first (glibc's adaptive mutex), which made two threads on one pool
-// twice as fast (docs/performance.md).
+// The pools' lock (the stacks' locks come after it). Critical sections last tens of nanoseconds,
+// and a thread that sleeps in the kernel for the lock costs microseconds to wake: waiters spin
+// briefly first (glibc's adaptive mutex), which made two threads on one pool that miss their held
+// blocks three times as fast.
 class EngineMutex {
  public:
   void lock() { pthread_mutex_lock(&mutex_); }
@@ -110,6 +115,7 @@ struct Segment;
 
 using Context = std::shared_ptr<c10::GatheredContext>;
 
+// A block a thread holds (held.cpp) stays `allocated`: it is lent, as far as the pool knows.
 enum class BlockState : uint8_t { free, allocated, decommitting };
 
 struct Block;
@@ -169,7 +175,8 @@ struct Deferred {
   std::vector<Block*> decommit_blocks;  // out of the free set until their pages are dropped
   std::vector<std::shared_ptr<Scope>> scopes;
   Scope* dead_scopes = nullptr;  // orphaned scopes whose last block died (chained by next_dead)
-  Pool* dead_pool = nullptr;     // an orphaned pool whose last block died
+  Pool* dead_pools = nullptr;    // orphaned pools whose last block died (chained by next_dead)
+  void bury(Pool* pool);         // the pool goes (once) when this runs
   std::shared_ptr<Pool> pool;
   std::vector<std::shared_ptr<Pool>> pools;
   Context context;
@@ -216,20 +223,28 @@ struct Pool : std::enable_shared_from_this<Pool> {
 
   // Everything below is under g_mu.
   bool orphaned = false;  // its last reference is gone; the free of its last block deletes it
+  bool buried = false;    // in a Deferred's dead_pools
+  Pool* next_dead = nullptr;
   FreeSet free_blocks;
   std::unique_ptr<Block> spare;  // a block with its node, for the next split (make_spare)
   std::vector<std::unique_ptr<Segment>> segments;
-  size_t bytes_in_use = 0, bytes_requested = 0, bytes_cached = 0, segment_bytes = 0;
+  // bytes_in_use counts held blocks, and with peak_bytes_in_use and window_peak is read (and the
+  // peaks raised) by a thread's lend from its held blocks without g_mu.
+  std::atomic<size_t> bytes_in_use{0};
+  size_t bytes_requested = 0, bytes_cached = 0, segment_bytes = 0;
   size_t growing = 0;  // bytes of segments being allocated outside the lock
   std::vector<Block*> decommitting;  // blocks whose pages a Deferred drops outside the lock
-  size_t peak_bytes_in_use = 0;
+  std::atomic<size_t> peak_bytes_in_use{0};
+  // Whether threads may hold this pool's freed blocks: not under max_cached_bytes (held blocks
+  // would escape the cap), not while tracing, not once orphaned.
+  std::atomic<bool> holdable{true};
   int64_t hits = 0, misses = 0, releases = 0, bytes_released = 0, fallbacks = 0;
   int64_t bytes_released_by_exits = 0, bytes_released_by_time = 0;
   int64_t blocks_in_use = 0;
   // Epochs count outermost-scope exits; the working set (a figure) is the peak bytes in
   // use between consecutive exits, over the last release_after of them.
   uint64_t exits = 0;
-  size_t window_peak = 0;
+  std::atomic<size_t> window_peak{0};
   std::deque<std::pair<uint64_t, size_t>> recent_peaks;  // (exits, peak), decreasing peaks
   bool tracing = false;
   std::deque<TraceEvent> trace;

@@ -46,6 +46,7 @@ void loop() {
   for (;;) {
     Deferred out;
     std::vector<std::shared_ptr<Pool>> pools = live_pools_locked();
+    return_all_held_locked(out);  // blocks threads held since the last wake: cached, as the clocks see them
     if (low) {
       release_under_pressure_locked(pools, out);
     }

@@ -17,7 +17,7 @@
 // Invariants (under g_mu): setting <= hold <= kLearnLimit x setting for a learning clock, hold ==
 // setting for a fixed one; `unreturned` counts only bytes the clocks released (never caps,
 // growth, pressure or empty_cache).
-#include "pool.h"
+#include "scope.h"
 
 #include <algorithm>
 
@@ -81,6 +81,7 @@ void Pool::forget_learned() {
 }
 
 void release_under_pressure_locked(const std::vector<std::shared_ptr<Pool>>& pools, Deferred& out) {
+  return_all_held_locked(out);
   for (const auto& pool : pools) {
     pool->release_down_to(0, out, Reason::pressure);
     pool->forget_learned();

@@ -38,15 +38,72 @@ struct ScopeFigures {
   int64_t bytes_in_use = 0, blocks_in_use = 0, peak_bytes_in_use = 0;
 };
 
-// A thread's open scopes, outermost first, and the bytes charged to them (charging.cpp).
-// Under g_mu: frees and closes from other threads change it too.
+// A lock for one thread's state, which other threads take only now and then: one atomic
+// exchange when free. Taken after g_mu, never before it.
+class SpinLock {
+ public:
+  void lock() {
+    for (int spins = 0; held_.exchange(true, std::memory_order_acquire); ++spins) {
+      while (held_.load(std::memory_order_relaxed)) {
+        if (++spins > 64) {
+          std::this_thread::yield();
+        }
+      }
+    }
+  }
+  void unlock() { held_.store(false, std::memory_order_release); }
+
+ private:
+  std::atomic<bool> held_{false};
+};
+
+// A thread's open scopes, outermost first, and the bytes charged to them (charging.cpp); and the
+// blocks it freed and holds for its next lends (held.cpp). Under `mu`: the thread's own lends and
+// frees take only it; frees, closes and reads from other threads take g_mu, then it.
+constexpr int kHeld = 8;                        // blocks a thread holds at most
+constexpr size_t kHeldBytes = size_t{32} << 20;  // bytes it holds at most
+constexpr size_t kHeldLargest = size_t{8} << 20;  // the largest block it holds
+
 struct Stack {
+  SpinLock mu;
   std::vector<Scope*> levels;
   std::vector<Scope*> limited;  // the levels with a max_bytes, outermost first
   int64_t bytes = 0, blocks = 0;  // alive and charged to the outermost level (so to some level)
   uint64_t serial = 0;           // lends and closes so far: which blocks a closed scope counts
   int64_t buried = 0;            // closed scopes beneath open levels that still count live blocks
+  // Held blocks (state `held`): lent from `held_pool` as far as the pool knows, free for this thread.
+  Pool* held_pool = nullptr;
+  Block* held[kHeld] = {};
+  int held_count = 0;
+  size_t held_bytes = 0;
+  int64_t held_hits = 0, held_requested = 0;  // what the pool's hits and bytes_requested lack
+
+  Stack();   // registers it (g_mu)
+  ~Stack();  // unregisters it (g_mu); holds nothing by then
 };
+using StackGuard = std::lock_guard<SpinLock>;
+
+// Held blocks (held.cpp). Under the stack's mu: the block of `pool` held for a lend of `size`
+// bytes (taken out: allocated), or nullptr; hold a block the stack's thread freed, or false.
+Block* take_held_locked(Stack& stack, Pool* pool, size_t size);
+bool hold_locked(Stack& stack, Block* block);
+// Under g_mu and the stack's mu: its held blocks go back to their pool, with what it owes it
+// (`out`: the releaser is told; nullptr in a forked child, which has no releaser yet).
+void return_held_locked(Stack& stack, Deferred* out);
+// Under g_mu: every stack's held blocks of `pool` (nullptr: of every pool) go back.
+void return_all_held_locked(Deferred& out, const Pool* pool = nullptr);
+// Under g_mu: every stack's mu, in one order (a refusal's list of blocks, segments(), fork).
+void lock_all_stacks_locked();
+void unlock_all_stacks_locked();
+struct AllStacksGuard {
+  AllStacksGuard() { lock_all_stacks_locked(); }
+  ~AllStacksGuard() { unlock_all_stacks_locked(); }
+  AllStacksGuard(const AllStacksGuard&) = delete;
+  AllStacksGuard& operator=(const AllStacksGuard&) = delete;
+};
+// In a forked child, under g_mu and every stack's mu: every held block back, every mu released.
+void after_fork_child_all_locked();
+Stack* this_thread_stack();  // the calling thread's, or nullptr (scope_stack.cpp)
 
 // One activation of a pool scope on one thread.
 struct Scope : std::enable_shared_from_this<Scope> {
@@ -87,7 +144,7 @@ struct Scope : std::enable_shared_from_this<Scope> {
   std::vector<BlockInfo> refusal_blocks;
 };
 
-// Charging (charging.cpp), all under g_mu. A block counts toward every scope of its thread's
+// Charging (charging.cpp), all under the stack's mu (scope->stack). A block counts toward every scope of its thread's
 // stack that was open at its lend; each costs O(1) however deep the stack, but for a free below
 // the innermost level (O(levels above it)) and a free of a block that escaped closed scopes
 // (O(those scopes)).

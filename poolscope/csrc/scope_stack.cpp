@@ -13,31 +13,60 @@ thread_local Scope* t_innermost = nullptr;
 
 namespace {
 
+thread_local Stack* t_stack_ptr = nullptr;  // the same lifetime rule: cleared when the stack goes
+
 struct ThreadStack {
   std::vector<std::shared_ptr<Scope>> scopes;  // entered on this thread, not yet dropped from it
   std::shared_ptr<Stack> stack;                // the open ones, as charging sees them
   ~ThreadStack() {
     t_innermost = nullptr;
-    // A thread that ends with scopes open closes them: nothing can enter or exit them any more.
-    Guard lock(g_mu);
-    for (auto it = scopes.rbegin(); it != scopes.rend(); ++it) {
-      if (!(*it)->closed) {
-        pop_locked(it->get());
-      }
+    t_stack_ptr = nullptr;
+    if (!stack) {
+      return;
     }
+    // A thread that ends with scopes open closes them: nothing can enter or exit them any more;
+    // and what it held goes back to the pool.
+    Deferred out;
+    {
+      Guard lock(g_mu);
+      StackGuard guard(stack->mu);
+      for (auto it = scopes.rbegin(); it != scopes.rend(); ++it) {
+        if (!(*it)->closed) {
+          pop_locked(it->get());
+        }
+      }
+      return_held_locked(*stack, &out);
+    }
+    out.run();
   }
 };
 thread_local ThreadStack t_stack;
 
-// The calling thread's stack lost its last scope: an outermost exit when one of them counts.
+// The calling thread's stack lost its last scope: what it held goes back to the pool, and it is
+// an outermost exit when one of them counts.
 void outermost_exit(bool counts) {
-  if (!t_stack.scopes.empty() || !counts) {
+  if (!t_stack.scopes.empty() || !t_stack.stack) {
+    return;
+  }
+  Stack& stack = *t_stack.stack;
+  bool holds;
+  {
+    StackGuard guard(stack.mu);
+    holds = stack.held_pool != nullptr;
+  }
+  if (!holds && !counts) {
     return;
   }
   Deferred out;
   {
     Guard lock(g_mu);
-    tick_all_locked(out);
+    {
+      StackGuard guard(stack.mu);
+      return_held_locked(stack, &out);
+    }
+    if (counts) {
+      tick_all_locked(out);
+    }
   }
   out.run();
 }
@@ -71,11 +100,13 @@ void enter(const std::shared_ptr<Scope>& scope) {
   scope->closed_elsewhere.store(false, std::memory_order_relaxed);
   if (!t_stack.stack) {
     t_stack.stack = std::make_shared<Stack>();
+    t_stack_ptr = t_stack.stack.get();
   }
   scope->stack = t_stack.stack;
   t_stack.scopes.reserve(t_stack.scopes.size() + 1);  // no failure once the scope is pushed
   {
     Guard lock(g_mu);
+    StackGuard guard(t_stack.stack->mu);
     scope->owner.store(std::this_thread::get_id(), std::memory_order_relaxed);
     push_locked(*t_stack.stack, scope.get());
   }
@@ -89,6 +120,10 @@ ExitResult exit(const std::shared_ptr<Scope>& scope) {
     // there. Its owner thread cannot be reached from here, so the scope closes at once (figures
     // final, charged no more) and the owner drops it before it routes anything else.
     Guard lock(g_mu);
+    if (!scope->stack) {
+      return ExitResult::not_active;  // never entered
+    }
+    StackGuard guard(scope->stack->mu);
     if (scope->closed) {
       return ExitResult::not_active;
     }
@@ -106,10 +141,15 @@ ExitResult exit(const std::shared_ptr<Scope>& scope) {
   t_innermost = t_stack.scopes.empty() ? nullptr : t_stack.scopes.back().get();
   {
     Guard lock(g_mu);
+    StackGuard guard(scope->stack->mu);
     pop_locked(scope.get());
   }
   outermost_exit(scope->counts_exits);
   return ExitResult::ok;
+}
+
+Stack* this_thread_stack() {
+  return t_stack_ptr;
 }
 
 size_t thread_depth() {

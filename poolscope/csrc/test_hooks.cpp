@@ -66,10 +66,15 @@ void register_test_hooks(py::module_& m) {
       [](Pool& pool, int value) {
         // Garbage in every cached block, so that a kernel that reads memory it did not write,
         // or leaves its output unwritten, shows up.
-        Guard lock(g_mu);
-        for (Block* block : pool.free_blocks) {
-          std::memset(block->addr, value, block->size);
+        Deferred out;
+        {
+          Guard lock(g_mu);
+          return_all_held_locked(out, &pool);  // held blocks are cached too
+          for (Block* block : pool.free_blocks) {
+            std::memset(block->addr, value, block->size);
+          }
         }
+        out.run();
       },
       py::arg("pool"), py::arg("value"));
   t.def("refused_drops", &os::refused_drops);
@@ -85,6 +90,7 @@ void register_test_hooks(py::module_& m) {
         Deferred out;
         {
           Guard lock(g_mu);
+          return_all_held_locked(out);  // as the releaser does at each wake
           const int64_t now = mono_us();
           for (auto& pool : live_pools_locked()) {
             pool->release_expired(now, out);

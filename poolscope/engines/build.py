@@ -39,7 +39,7 @@ from .._torch_compat import cxx11_abi
 
 __all__ = ["BuildError", "build_dir", "load"]
 
-_SOURCES = ("os.cpp", "pressure.cpp", "owned.cpp", "pool.cpp", "retention.cpp", "releaser.cpp", "charging.cpp",
+_SOURCES = ("os.cpp", "pressure.cpp", "owned.cpp", "pool.cpp", "retention.cpp", "releaser.cpp", "charging.cpp", "held.cpp",
             "scope_stack.cpp", "allocator.cpp", "torch_compat.cpp", "test_hooks.cpp", "bindings.cpp")
 _HEADERS = ("os.h", "owned.h", "pool.h", "scope.h", "test_hooks.h", "torch_compat.h")
 _CFLAGS = ("-O2",)
