@@ -507,8 +507,9 @@ std::shared_ptr<Pool> make_pool(std::string device) {
 
 std::shared_ptr<Scope> make_scope() {
   return std::shared_ptr<Scope>(new Scope(), [](Scope* scope) {
-    {
+    if (scope->stack) {  // entered: its stack's lock guards what its blocks change (charging.cpp)
       Guard lock(g_mu);
+      StackGuard guard(scope->stack->mu);
       if (scope->innermost_blocks > 0) {
         scope->orphaned = true;  // the free of its last block deletes it
         return;

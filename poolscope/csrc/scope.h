@@ -106,7 +106,7 @@ void after_fork_child_all_locked();
 Stack* this_thread_stack();  // the calling thread's, or nullptr (scope_stack.cpp)
 
 // One activation of a pool scope on one thread.
-struct Scope : std::enable_shared_from_this<Scope> {
+struct Scope {
   std::shared_ptr<Pool> pool;
   std::shared_ptr<Scope> parent;  // the thread's innermost open scope when this one was entered
   std::shared_ptr<Stack> stack;   // its thread's, from its entry
@@ -188,7 +188,8 @@ void fail_growth(int mode);  // test hook: growing a pool fails (1: out of memor
 void fail_next_register();  // test hook: the next lend runs out of memory after taking its block
 void tick_all_locked(Deferred& out);  // an outermost exit: every pool counts it
 
-// Blocks still lent on behalf of `scope` (or of every scope when null), by address; under g_mu.
+// Blocks still lent on behalf of `scope` (or of every scope when null), by address; under g_mu
+// and every stack's mu (AllStacksGuard).
 std::vector<const Block*> live_blocks_locked(const Scope* scope);
 
 }  // namespace poolscope
