@@ -170,7 +170,7 @@ def threads(mode: str, workers: int = 4, iters: int = 200) -> Callable[[], Any]:
     return body
 
 
-def cxx_churn(mode: str, workers: int = 1, n: int = 20_000, size: int = 2 * MiB, raw: bool = False, depth: int = 1,
+def cxx_churn(mode: str, workers: int = 1, n: int = 200_000, size: int = 2 * MiB, raw: bool = False, depth: int = 1,
               inside: bool = True) -> Callable[[], Any]:
     """The engine's own cost from C++ with the GIL released: allocate and free ``size`` bytes
     ``n`` times on each of ``workers`` threads, through PyTorch's CPU allocator. Pooled: each

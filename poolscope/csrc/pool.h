@@ -125,7 +125,7 @@ struct BySizeThenAddress {
 using FreeSet = std::set<Block*, BySizeThenAddress>;
 
 // A byte range of a segment, lent to one storage or free.
-struct Block {
+struct alignas(64) Block {  // a cache line of its own: threads write the blocks they hold
   Pool* pool = nullptr;
   Segment* segment = nullptr;
   char* addr = nullptr;
