@@ -29,8 +29,6 @@ namespace {
 
 auto& g_stacks = *new std::vector<Stack*>();  // every stack alive, under g_mu
 
-constexpr size_t kMinSplit = size_t{1} << 20;  // pool.cpp's: a block is lent whole when its rest is below this
-
 }  // namespace
 
 Stack::Stack() {
@@ -51,8 +49,7 @@ Block* take_held_locked(Stack& stack, Pool* pool, size_t size) {
   int best = -1;
   for (int i = 0; i < stack.held_count; ++i) {
     const Block* b = stack.held[i];
-    const size_t rest = b->size - std::min(b->size, size);
-    if (b->size >= size && (rest < kGranule || rest < std::min(size / 4, kMinSplit)) &&
+    if (b->size >= size && lent_whole(b->size, size) &&
         (best < 0 || b->size < stack.held[best]->size)) {
       best = i;
     }

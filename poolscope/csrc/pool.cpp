@@ -14,7 +14,6 @@ namespace poolscope {
 
 namespace {
 
-constexpr size_t kMinSplit = size_t{1} << 20;
 
 size_t round_up(size_t n, size_t to) {
   return (n + to - 1) / to * to;
@@ -192,7 +191,7 @@ void Pool::lend_from(Block* block, size_t size, size_t room) {
   size_t rest = block->size - size;
   // Keep a lent block within 1.25x of its request, and never split off crumbs, unless lending
   // it whole would pass a scope's max_bytes (sizes are granules, so a rest is one at least).
-  if (spare && rest >= kGranule && (rest >= std::min(size / 4, kMinSplit) || block->size > room)) {
+  if (spare && rest >= kGranule && (!lent_whole(block->size, size) || block->size > room)) {
     Block* remainder = spare.release();
     remainder->pool = this;
     remainder->segment = block->segment;

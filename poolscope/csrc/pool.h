@@ -62,6 +62,7 @@
 #include <c10/util/SmallVector.h>
 #include <pthread.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -103,6 +104,13 @@ using UniqueGuard = std::unique_lock<EngineMutex>;
 
 constexpr size_t kGranule = 512;            // block sizes and addresses: 64-byte alignment and more
 static_assert(kGranule == owned::kSlotBytes, "a block starts at a registry slot");
+// A free block of `block_size` bytes serves `size` whole when what would be left is no block worth
+// keeping: under a granule, or under a quarter of the request (and under 1 MiB). Pool::lend_from
+// splits otherwise; a thread's held blocks (held.cpp) serve only whole.
+inline bool lent_whole(size_t block_size, size_t size) {
+  const size_t rest = block_size - size;
+  return rest < kGranule || rest < std::min(size / 4, size_t{1} << 20);
+}
 constexpr size_t kMinSegment = size_t{2} << 20;
 constexpr size_t kMaxLend = size_t{1} << 62;  // larger requests are never pooled (no pool could hold one)
 constexpr size_t kTraceLimit = 100000;      // events kept per pool while profiling
