@@ -195,6 +195,69 @@ def cxx_churn(mode: str, workers: int = 1, n: int = 200_000, size: int = 2 * MiB
     return body
 
 
+def paired(rounds: int, n: int) -> dict[str, dict[str, float]]:
+    """Issue 28's ratios measured in this one process, pair by pair (``--paired``).
+
+    Across processes the C++ loops' ratios moved more than the effects they measure (raw frees:
+    0.82-1.08 in three runs; two-thread scaling: 1.22-1.94x), because each child has its own heap
+    layout and its own luck with the VM's cores. Here each ratio's two sides run back to back in
+    one process with poolscope installed, in alternating order, ``rounds`` times; the figure is the
+    median of the per-round ratios, with its quartiles. "never installed" is the allocator
+    poolscope replaced, called directly: the code a process without poolscope runs. ``spin`` is
+    arithmetic on each thread with nothing shared: what two threads gain there is what the machine
+    gives them at that moment."""
+    import statistics
+    import time
+
+    import poolscope
+    from poolscope.engines import engine_for
+
+    hooks = engine_for(torch.device("cpu")).module._test
+    pool = poolscope.TensorPool("cpu", release_idle_s=None)
+    with poolscope.pool_scope(pool=pool):  # installs
+        pass
+    backend = pool._backend
+
+    def timed(fn: Callable[[], Any]) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    two = 2 * MiB
+    sides: dict[str, tuple[Callable[[], Any], Callable[[], Any], Callable[[float, float], float]]] = {
+        # name: (a, b, ratio of the two times); ratios read as "how many times better a is"
+        "pooled hit vs never installed (time ratio, 1 thread)": (
+            lambda: hooks.churn(backend, 1, n, two), lambda: hooks.churn(None, 1, n, two, replaced=True),
+            lambda a, b: a / b),
+        "raw frees outside scopes, rate installed / never installed": (
+            lambda: hooks.churn(None, 1, n, two, raw=True), lambda: hooks.churn(None, 1, n, two, raw=True, replaced=True),
+            lambda a, b: b / a),
+        "two threads / one, pooled hit, each in its own scope": (
+            lambda: hooks.churn(backend, 1, n, two), lambda: hooks.churn(backend, 2, n, two),
+            lambda a, b: 2 * a / b),
+        "two threads / one, never installed (c10 over glibc)": (
+            lambda: hooks.churn(None, 1, n, two, replaced=True), lambda: hooks.churn(None, 2, n, two, replaced=True),
+            lambda a, b: 2 * a / b),
+        "two threads / one, spin (the machine)": (
+            lambda: hooks.spin(1, 8 * n), lambda: hooks.spin(2, 8 * n), lambda a, b: 2 * a / b),
+    }
+    for a, b, _ in sides.values():  # warm: segments made, held blocks filled, heaps grown
+        a(), b()
+    ratios: dict[str, list[float]] = {name: [] for name in sides}
+    for r in range(rounds):
+        for name, (a, b, ratio) in sides.items():
+            if r % 2 == 0:
+                ta, tb = timed(a), timed(b)
+            else:
+                tb, ta = timed(b), timed(a)
+            ratios[name].append(ratio(ta, tb))
+    summary = {}
+    for name, values in ratios.items():
+        q = statistics.quantiles(values, n=4)
+        summary[name] = {"median": statistics.median(values), "q1": q[0], "q3": q[2], "rounds": len(values)}
+    return summary
+
+
 # --- the run --------------------------------------------------------------------------------------
 
 # workload key -> (function, parameters, smoke parameters, extra modes beside plain and pooled)
@@ -285,7 +348,20 @@ def targets(results: dict[str, dict[str, dict[str, Any]]]) -> list[list[str]]:
 def main() -> int:
     from _harness import Case, arguments, machine, markdown, peers, side_by_side, write_json
 
-    args = arguments(__doc__, rounds=5, repeats=7).parse_args()
+    parser = arguments(__doc__, rounds=5, repeats=7)
+    parser.add_argument("--paired", action="store_true",
+                        help="only the C++ loops' ratios, both sides in this process, round by round (paired())")
+    args = parser.parse_args()
+    if args.paired:
+        rounds, n = (3, 1000) if args.smoke else (max(args.rounds, 9), 200_000)
+        summary = paired(rounds, n)
+        print(f"\nmachine: {machine()}; {rounds} rounds, n = {n:,} per thread per call; median [quartiles] of per-round ratios\n")
+        print(markdown(["ratio", "median", "quartiles"],
+                       [[k, f"{v['median']:.2f}", f"{v['q1']:.2f}-{v['q3']:.2f}"] for k, v in summary.items()]))
+        name = "allocation-paired-smoke.json" if args.smoke else "allocation-paired.json"
+        path = write_json(args.out, name, {"machine": machine(), "rounds": rounds, "n": n, "ratios": summary})
+        print(f"\nresults: {path}")
+        return 0
     rounds, repeats, warmup = (1, 2, 1) if args.smoke else (args.rounds, args.repeats, 2)
     envs, _ = peers(("plain", "glibc", "tcmalloc"))
     results: dict[str, dict[str, dict[str, Any]]] = {}

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -146,6 +147,41 @@ def test_an_allocation_after_the_threads_scope_stack_died_is_not_pooled():
         pass
     assert native()._test.allocate_at_thread_exit(pool._backend, 0) is False
     assert pool.stats().blocks_in_use == 0
+
+
+def test_a_thread_in_a_scope_is_routed_while_other_threads_come_and_go_and_die_in_theirs():
+    # Outside every scope the allocator forwards without reading its thread-local while no thread
+    # is inside one: the count behind that must never read zero for a thread that is.
+    pool = poolscope.TensorPool("cpu")
+    stop = threading.Event()
+
+    def come_and_go():
+        while not stop.is_set():
+            with poolscope.pool_scope(pool=pool):
+                torch.empty(MiB, dtype=torch.uint8)
+
+    def die_inside():
+        poolscope.pool_scope(pool=pool).__enter__()  # never exited: the thread ends inside it
+
+    others = [threading.Thread(target=come_and_go) for _ in range(3)]
+    for t in others:
+        t.start()
+    try:
+        with poolscope.pool_scope(pool=pool) as scope:
+            for i in range(300):
+                torch.empty(MiB, dtype=torch.uint8)
+                if i % 50 == 0:
+                    t = threading.Thread(target=die_inside)
+                    t.start()
+                    t.join()
+    finally:
+        stop.set()
+        for t in others:
+            t.join()
+    assert scope.stats.allocations_routed == 300
+    outside = torch.empty(MiB, dtype=torch.uint8)  # no scope anywhere now: not pooled
+    assert pool.stats().blocks_in_use == 0
+    del outside
 
 
 def test_running_out_of_memory_mid_lend_puts_the_block_back():

@@ -91,6 +91,22 @@ def test_benchmarks_run_in_quick_mode(script, tmp_path):
     assert results
 
 
+@pytest.mark.pools
+def test_allocation_benchmark_pairs_its_ratios_in_one_process(tmp_path):
+    """``allocation.py --paired``: every ratio of issue 28 measured in one process, as a smoke run."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "allocation.py"), "--paired", "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| ratio |" in out.stdout
+    ratios = json.loads((tmp_path / "allocation-paired-smoke.json").read_text())["ratios"]
+    assert len(ratios) == 5
+    assert all(r["median"] > 0 and r["q1"] <= r["median"] <= r["q3"] for r in ratios.values())
+
+
 def test_first_scope_does_not_import_dynamo():
     code = (
         "import sys, torch, poolscope\n"

@@ -38,10 +38,6 @@ std::atomic<int> g_fail_growth{0};    // test hook: 1 growth returns nothing, 2 
 std::atomic<bool> g_fail_register{false};  // test hook: the next lend fails after its block was taken
 std::atomic<int64_t> g_refusals{0};  // limit refusals so far: each one's serial
 
-c10::Allocator* replaced_allocator() {
-  return g_replaced.load(std::memory_order_acquire);
-}
-
 constexpr size_t kClassSteps = 4;  // new segments are rounded up to 1, 1.25, 1.5 or 1.75 x 2**k
 
 size_t round_up(size_t n, size_t to) {
@@ -66,6 +62,9 @@ void free_ptr(void* ptr);
 
 struct PoolscopeAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t nbytes) override {
+    if (C10_LIKELY(g_threads_in_scopes.load(std::memory_order_relaxed) == 0)) {
+      return replaced_allocator()->allocate(nbytes);
+    }
     Scope* top = t_innermost;
     if (C10_UNLIKELY(top != nullptr && top->closed_elsewhere.load(std::memory_order_relaxed))) {
       top = drop_closed_elsewhere();
@@ -94,14 +93,22 @@ void free_raw(void* ptr) {
   raw(ptr);
 }
 
+// The free of a lent block: apart from free_ptr, so that a free of memory poolscope does not
+// own (a raw free outside every scope) pays for none of its stack frame.
+__attribute__((noinline)) void free_lent(Block* block);
+
 void free_ptr(void* ptr) {
   Block* block = owned::take_lent(ptr);  // no lock: a pointer that is not a lent block takes none
-  if (block == nullptr) {
+  if (C10_LIKELY(block == nullptr)) {
     if (ptr != nullptr) {
       free_raw(ptr);
     }
     return;
   }
+  free_lent(block);
+}
+
+void free_lent(Block* block) {
   // Nothing below allocates: a free runs in a deleter and must not fail.
   Deferred out;
   Pool* pool = block->pool;
@@ -312,6 +319,7 @@ std::vector<std::shared_ptr<Pool>>* g_forked_pools = nullptr;
 void after_fork_child() {
   // Only the forking thread came along: nothing another thread had in flight will finish here.
   after_fork_child_all_locked();  // the other threads' held blocks: theirs no more
+  g_threads_in_scopes.store(t_innermost != nullptr ? 1 : 0, std::memory_order_relaxed);
   releaser_after_fork_child();
   g_forked_pools = new std::vector<std::shared_ptr<Pool>>(live_pools_locked());
   for (auto& pool : *g_forked_pools) {
@@ -323,6 +331,10 @@ void after_fork_child() {
 }
 
 }  // namespace
+
+c10::Allocator* replaced_allocator() {
+  return g_replaced.load(std::memory_order_acquire);
+}
 
 // Time in the pool (a scope's alloc_seconds): reading the clock twice costs about a third of a
 // hit, so only a scope's first hit and every kTimedEvery-th after it are timed, and its hits

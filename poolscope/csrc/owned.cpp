@@ -47,7 +47,7 @@ void each_chunk(const char* base, size_t size, F f) {
   }
 }
 
-Chunk* chunk_of(uintptr_t address) {
+inline Chunk* chunk_of(uintptr_t address) {
   if (address >= kLimit) {
     return nullptr;
   }
@@ -56,7 +56,7 @@ Chunk* chunk_of(uintptr_t address) {
   return leaf == nullptr ? nullptr : leaf->chunks[chunk & ((uintptr_t{1} << kLeafBits) - 1)].load(std::memory_order_acquire);
 }
 
-std::atomic<Block*>* slot_of(const void* ptr) {
+inline std::atomic<Block*>* slot_of(const void* ptr) {
   const auto address = reinterpret_cast<uintptr_t>(ptr);
   if (address % kSlotBytes != 0) {
     return nullptr;  // no block starts there

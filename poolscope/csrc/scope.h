@@ -171,6 +171,11 @@ void enter(const std::shared_ptr<Scope>& scope);
 // pool's exit count (Pool::tick).
 ExitResult exit(const std::shared_ptr<Scope>& scope);
 extern thread_local Scope* t_innermost;  // the calling thread's innermost open scope, or nullptr
+// Threads whose t_innermost is set. Zero: no thread is inside a scope, and the allocator forwards
+// without reading its thread-local (in a library that is loaded late, a call). A thread always
+// sees its own change of it, which is all the allocator needs: another thread's stale count only
+// sends it to its own t_innermost, null, for nothing.
+extern std::atomic<int> g_threads_in_scopes;
 // Drop the calling thread's scopes that another thread closed; returns the new t_innermost.
 Scope* drop_closed_elsewhere();
 size_t thread_depth();  // open scopes on the calling thread (test hooks)
@@ -181,6 +186,8 @@ bool install();
 // pool included, holds g_mu across fork() and resets the child's in-flight state.
 void register_fork_handlers();
 bool installed();
+// What poolscope forwards to: the CPU allocator it replaced (nullptr before install()).
+c10::Allocator* replaced_allocator();
 void register_pool(const std::shared_ptr<Pool>& pool);
 std::shared_ptr<Scope> make_scope();  // pool.h's invariant 3: the only way to make a Scope
 c10::DataPtr lend(Scope* top, size_t nbytes);

@@ -10,8 +10,17 @@ namespace poolscope {
 // Trivially destructible, it outlives the stack below during thread exit; the stack clears it
 // when it dies, so a later thread-local destructor that allocates is served as outside a scope.
 thread_local Scope* t_innermost = nullptr;
+alignas(64) std::atomic<int> g_threads_in_scopes{0};
 
 namespace {
+
+// Every write of t_innermost: the count of threads inside a scope follows it.
+void set_innermost(Scope* scope) {
+  if ((t_innermost == nullptr) != (scope == nullptr)) {
+    g_threads_in_scopes.fetch_add(scope == nullptr ? -1 : 1, std::memory_order_relaxed);
+  }
+  t_innermost = scope;
+}
 
 thread_local Stack* t_stack_ptr = nullptr;  // the same lifetime rule: cleared when the stack goes
 
@@ -19,7 +28,7 @@ struct ThreadStack {
   std::vector<std::shared_ptr<Scope>> scopes;  // entered on this thread, not yet dropped from it
   std::shared_ptr<Stack> stack;                // the open ones, as charging sees them
   ~ThreadStack() {
-    t_innermost = nullptr;
+    set_innermost(nullptr);
     t_stack_ptr = nullptr;
     if (!stack) {
       return;
@@ -88,7 +97,7 @@ Scope* drop_closed_elsewhere() {
   for (const auto& s : dropped) {
     counts = counts || s->counts_exits;
   }
-  t_innermost = scopes.empty() ? nullptr : scopes.back().get();
+  set_innermost(scopes.empty() ? nullptr : scopes.back().get());
   outermost_exit(counts);
   return t_innermost;
 }
@@ -111,7 +120,7 @@ void enter(const std::shared_ptr<Scope>& scope) {
     push_locked(*t_stack.stack, scope.get());
   }
   t_stack.scopes.push_back(scope);
-  t_innermost = scope.get();
+  set_innermost(scope.get());
 }
 
 ExitResult exit(const std::shared_ptr<Scope>& scope) {
@@ -138,7 +147,7 @@ ExitResult exit(const std::shared_ptr<Scope>& scope) {
   }
   // Out of order (a generator's scope closed inside its caller's): the others stay open.
   t_stack.scopes.erase(it);
-  t_innermost = t_stack.scopes.empty() ? nullptr : t_stack.scopes.back().get();
+  set_innermost(t_stack.scopes.empty() ? nullptr : t_stack.scopes.back().get());
   {
     Guard lock(g_mu);
     StackGuard guard(scope->stack->mu);

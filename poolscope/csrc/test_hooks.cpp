@@ -102,11 +102,17 @@ void register_test_hooks(py::module_& m) {
       py::call_guard<py::gil_scoped_release>());
   t.def(
       "churn",
-      [](const std::shared_ptr<Pool>& pool, int threads, int64_t n, size_t size, bool raw, int depth) {
+      [](const std::shared_ptr<Pool>& pool, int threads, int64_t n, size_t size, bool raw, int depth, bool replaced) {
         // The engine's own cost, from C++ with the GIL released (benchmarks/allocation.py): each
         // thread allocates and frees `size` bytes `n` times through PyTorch's CPU allocator, inside
         // `depth` nested scopes of its own on `pool` (None: outside every scope). `raw`: the
-        // raw_allocate/raw_deallocate interface oneDNN uses.
+        // raw_allocate/raw_deallocate interface oneDNN uses. `replaced`: through the allocator
+        // poolscope replaced, as a process that never installed it does (the same process, so
+        // that a comparison is not one between two processes' heaps and placements).
+        c10::Allocator* allocator = replaced ? replaced_allocator() : c10::GetCPUAllocator();
+        if (allocator == nullptr) {
+          throw std::invalid_argument("churn(replaced=True): poolscope is not installed yet");
+        }
         auto work = [&] {
           std::vector<std::shared_ptr<Scope>> scopes;
           for (int d = 0; pool && d < depth; ++d) {
@@ -117,7 +123,6 @@ void register_test_hooks(py::module_& m) {
             enter(scope);
             scopes.push_back(scope);
           }
-          c10::Allocator* allocator = c10::GetCPUAllocator();
           for (int64_t i = 0; i < n; ++i) {
             if (raw) {
               allocator->raw_deallocate(allocator->raw_allocate(size));
@@ -139,7 +144,33 @@ void register_test_hooks(py::module_& m) {
         }
       },
       py::arg("pool"), py::arg("threads"), py::arg("n"), py::arg("size"), py::arg("raw") = false,
-      py::arg("depth") = 1, py::call_guard<py::gil_scoped_release>());
+      py::arg("depth") = 1, py::arg("replaced") = false, py::call_guard<py::gil_scoped_release>());
+  t.def(
+      "spin",
+      [](int threads, int64_t n) {
+        // The control for churn's thread scaling: `n` steps of arithmetic on each of `threads`
+        // threads, nothing shared. What two threads gain here is what the machine gives them.
+        auto work = [n] {
+          uint64_t x = 88172645463325252ULL;
+          for (int64_t i = 0; i < n; ++i) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+          }
+          return x;
+        };
+        std::atomic<uint64_t> sink{0};
+        std::vector<std::thread> workers;
+        for (int k = 1; k < threads; ++k) {
+          workers.emplace_back([&] { sink.fetch_xor(work()); });
+        }
+        sink.fetch_xor(work());
+        for (auto& w : workers) {
+          w.join();
+        }
+        return sink.load();
+      },
+      py::arg("threads"), py::arg("n"), py::call_guard<py::gil_scoped_release>());
   t.def(
       "stress",
       [](const std::shared_ptr<Pool>& pool, int threads, int64_t n, uint64_t seed) {

@@ -43,6 +43,9 @@ _SOURCES = ("os.cpp", "pressure.cpp", "owned.cpp", "pool.cpp", "retention.cpp", 
             "scope_stack.cpp", "allocator.cpp", "torch_compat.cpp", "test_hooks.cpp", "bindings.cpp")
 _HEADERS = ("os.h", "owned.h", "pool.h", "scope.h", "test_hooks.h", "torch_compat.h")
 _CFLAGS = ("-O2",)
+# Calls between the engine's own files bind inside the library, not through the PLT: the engine
+# exports nothing anyone may interpose, and a free of memory it does not own is a few such calls.
+_LDFLAGS = ("-Wl,-Bsymbolic-functions",)
 # Extra compile and link flags, for sanitizer builds (scripts/sanitize); part of the cache key.
 _EXTRA_FLAGS_ENV = "POOLSCOPE_EXTRA_CFLAGS"
 _NAME = "poolscope_native"
@@ -85,7 +88,7 @@ def _digest() -> str:
             ) from exc
         digest.update(name.encode())
         digest.update(data)
-    digest.update(" ".join(_flags()).encode())
+    digest.update(" ".join([*_flags(), *_LDFLAGS]).encode())
     digest.update(f"{torch.__version__} {int(cxx11_abi())} {sys.version_info[:2]}".encode())
     return digest.hexdigest()[:12]
 
@@ -193,7 +196,7 @@ def _compile(where: Path, digest: str, verbose: bool) -> ModuleType:
             _NAME,
             [str(_csrc() / name) for name in _SOURCES],
             extra_cflags=[*_flags(), f"-DPOOLSCOPE_BUILD_DIGEST={digest}"],
-            extra_ldflags=_flags()[len(_CFLAGS):],
+            extra_ldflags=[*_LDFLAGS, *_flags()[len(_CFLAGS):]],
             build_directory=str(where),
             verbose=verbose,
         )
