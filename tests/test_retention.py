@@ -128,6 +128,33 @@ def test_the_exits_clock_learns_the_shapes_the_traffic_comes_back_for():
 
 
 @native_only
+@pytest.mark.parametrize("clock", ["exits", "time"])
+def test_a_loop_reusing_the_front_of_an_idle_block_keeps_it_while_the_rest_goes(clock):
+    # A one-off 64 MiB request, then a loop whose 2 x 4 MiB are carved from the front of its
+    # block: when a clock finds the block idle, the loop's 8 MiB stay and the 56 MiB go. (A merged
+    # block is as idle as its most idle part; releasing it whole made the loop miss and fault its
+    # memory in again, and taught a learning clock a pause that was no pause.)
+    exits = clock == "exits"
+    pool = poolscope.TensorPool("cpu", release_after=3 if exits else 10**6, release_idle_s=None if exits else 10)
+    with injected_clock() as advance:
+        with poolscope.pool_scope(pool=pool):
+            torch.empty(64 * MiB, dtype=torch.uint8).fill_(1)
+        misses = pool.stats().misses
+        for _ in range(8):
+            advance(4)  # 32 s in all: the tail is idle past 10 s, the loop's part never is
+            with poolscope.pool_scope(pool=pool):
+                a = torch.empty(4 * MiB, dtype=torch.uint8).fill_(1)
+                b = torch.empty(4 * MiB, dtype=torch.uint8).fill_(2)
+                assert (int(a[-1]), int(b[0])) == (1, 2)  # apart (nothing else allocated here)
+                del a, b
+        s = pool.stats()
+        released = s.bytes_released_by_exits if exits else s.bytes_released_by_time
+        assert s.misses == misses and s.segments == 1
+        assert released == 56 * MiB and s.bytes_cached == 8 * MiB
+        assert s.refaults == 0 and s.bytes_refaulted == 0
+
+
+@native_only
 def test_setting_a_clock_forgets_what_was_learned():
     pool = poolscope.TensorPool("cpu")
     with injected_clock() as advance:

@@ -19,9 +19,6 @@ size_t round_up(size_t n, size_t to) {
   return (n + to - 1) / to * to;
 }
 
-// A merged block is as idle as its most idle resident part: memory a loop keeps reusing must
-// not lend its recency to a neighbour nobody touches (a one-off spike's segment). Parts whose
-// pages were already dropped cost nothing and do not count.
 // A block with the free set's node for it: inserting it later allocates nothing.
 std::unique_ptr<Block> block_with_node() {
   auto block = std::make_unique<Block>();
@@ -31,6 +28,11 @@ std::unique_ptr<Block> block_with_node() {
   return block;
 }
 
+// A merged block is as idle as its most idle resident part: memory a loop keeps reusing must
+// not lend its recency to a neighbour nobody touches (a one-off spike's segment). Parts whose
+// pages were already dropped cost nothing and do not count. It also remembers its freshest
+// resident part, which the clocks keep when they release the rest (release_around_fresh): the
+// front of a segment a loop keeps reusing stays while its idle tail goes.
 template <typename T>
 T most_idle(const Block* a, const Block* b, T Block::*when) {
   if (a->committed == 0) {
@@ -40,6 +42,38 @@ T most_idle(const Block* a, const Block* b, T Block::*when) {
     return a->*when;
   }
   return std::min(a->*when, b->*when);
+}
+
+// `into` absorbs its neighbour `part` (before their sizes and committed bytes are added). Fresh
+// parts of the same exit that touch are one part: the blocks one call used and freed together.
+void keep_freshest(Block* into, const Block* part) {
+  if (part->committed == 0) {
+    return;
+  }
+  if (into->committed > 0 && part->fresh_at_exit == into->fresh_at_exit &&
+      (into->fresh_addr + into->fresh_size == part->fresh_addr || part->fresh_addr + part->fresh_size == into->fresh_addr)) {
+    into->fresh_addr = std::min(into->fresh_addr, part->fresh_addr);
+    into->fresh_size += part->fresh_size;
+    into->fresh_us = std::max(into->fresh_us, part->fresh_us);
+    into->fresh_counted = into->fresh_counted && part->fresh_counted;
+    return;
+  }
+  const bool fresher = std::make_pair(part->fresh_at_exit, part->fresh_us) > std::make_pair(into->fresh_at_exit, into->fresh_us);
+  if (into->committed == 0 || fresher) {
+    into->fresh_addr = part->fresh_addr;
+    into->fresh_size = part->fresh_size;
+    into->fresh_at_exit = part->fresh_at_exit;
+    into->fresh_us = part->fresh_us;
+    into->fresh_counted = part->fresh_counted;
+  }
+}
+
+void whole_is_fresh(Block* block) {
+  block->fresh_addr = block->addr;
+  block->fresh_size = block->size;
+  block->fresh_at_exit = block->freed_at_exit;
+  block->fresh_us = block->freed_us;
+  block->fresh_counted = block->committed == block->size;
 }
 
 }  // namespace
@@ -206,7 +240,22 @@ void Pool::lend_from(Block* block, size_t size, size_t room) {
     remainder->state = BlockState::free;
     remainder->freed_at_exit = block->freed_at_exit;
     remainder->freed_us = block->freed_us;
-    remainder->committed = std::min(rest, block->committed);
+    // What may be resident in it: the block's committed bytes less those of its freshest part
+    // that are lent (counted in `committed`, and not in the remainder).
+    char* const lo = std::max(block->fresh_addr, remainder->addr);
+    char* const hi = std::min(block->fresh_addr + block->fresh_size, remainder->addr + rest);
+    const size_t fresh_lent = block->fresh_size - (lo < hi ? static_cast<size_t>(hi - lo) : 0);
+    const size_t known_lent = block->fresh_counted ? std::min(fresh_lent, block->committed) : 0;
+    remainder->committed = std::min(rest, block->committed - known_lent);
+    // Its share of the freshest part, if any; else it is all as idle as the block was.
+    whole_is_fresh(remainder);
+    if (lo < hi) {
+      remainder->fresh_addr = lo;
+      remainder->fresh_size = static_cast<size_t>(hi - lo);
+      remainder->fresh_at_exit = block->fresh_at_exit;
+      remainder->fresh_us = block->fresh_us;
+      remainder->fresh_counted = block->fresh_counted;
+    }
     block->size = size;
     put_free(remainder);
     bytes_cached += remainder->committed;
@@ -265,10 +314,12 @@ void Pool::free_block(Block* block, Deferred& out) {
 
 void Pool::insert_free(Block* block) {
   // Merge with free neighbours, so that smaller requests and larger ones share memory.
+  whole_is_fresh(block);  // one part, freed (or dropped) as a whole
   Block* prev = block->prev;
   if (prev != nullptr && prev->state == BlockState::free) {
     take_free(prev);
     bytes_cached -= prev->committed;
+    keep_freshest(prev, block);
     prev->freed_at_exit = most_idle(prev, block, &Block::freed_at_exit);
     prev->freed_us = most_idle(prev, block, &Block::freed_us);
     prev->size += block->size;
@@ -284,6 +335,7 @@ void Pool::insert_free(Block* block) {
   if (next != nullptr && next->state == BlockState::free) {
     take_free(next);
     bytes_cached -= next->committed;
+    keep_freshest(block, next);
     block->freed_at_exit = most_idle(block, next, &Block::freed_at_exit);
     block->freed_us = most_idle(block, next, &Block::freed_us);
     block->size += next->size;
@@ -412,6 +464,94 @@ void Pool::release_block(Block* block, Deferred& out, Reason reason) {
   }
 }
 
+bool Pool::release_around_fresh(Block* block, Deferred& out, Reason reason) {
+  char* const lo = block->fresh_addr;
+  char* const hi = lo + block->fresh_size;
+  char* const end = block->addr + block->size;
+  // Only a part whose bytes are all counted in `committed`: the kept part then takes its own
+  // bytes and what the released ones take is all the rest, so nothing resident goes uncounted.
+  if (!block->fresh_counted || block->committed < block->fresh_size || lo < block->addr || hi > end || lo >= hi ||
+      (lo == block->addr && hi == end)) {
+    return false;
+  }
+  // Pieces in address order: [addr, lo) released, [lo, hi) kept, [hi, end) released. Everything
+  // that may throw comes first; `block` stays the first piece (a segment's first block keeps its
+  // address).
+  const int pieces = 1 + (lo > block->addr) + (hi < end);
+  std::unique_ptr<Block> made[2];
+  try {
+    for (int i = 0; i + 1 < pieces; ++i) {
+      made[i] = block_with_node();
+    }
+    decommitting.reserve(decommitting.size() + 2);
+    out.decommit_blocks.reserve(out.decommit_blocks.size() + 2);
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+  take_free(block);
+  bytes_cached -= block->committed;
+  size_t committed = block->committed;
+  const uint64_t idle_exit = block->freed_at_exit;
+  const int64_t idle_us = block->freed_us;
+  Block* const after = block->next;
+  Block* piece[3] = {block, nullptr, nullptr};
+  for (int i = 1; i < pieces; ++i) {
+    piece[i] = made[i - 1].release();
+  }
+  char* bounds[4] = {block->addr, nullptr, nullptr, nullptr};
+  int n = 0;
+  if (lo > block->addr) {
+    bounds[++n] = lo;
+  }
+  if (hi < end) {
+    bounds[++n] = hi;
+  }
+  bounds[++n] = end;
+  // The kept piece takes the resident bytes first (it was freed last), the others the rest.
+  int kept = lo > block->addr ? 1 : 0;
+  size_t share[3] = {0, 0, 0};
+  share[kept] = std::min(block->fresh_size, committed);
+  committed -= share[kept];
+  for (int i = 0; i < pieces; ++i) {
+    if (i != kept) {
+      share[i] = std::min(static_cast<size_t>(bounds[i + 1] - bounds[i]), committed);
+      committed -= share[i];
+    }
+  }
+  const uint64_t fresh_exit = block->fresh_at_exit;
+  const int64_t fresh_us = block->fresh_us;
+  for (int i = 0; i < pieces; ++i) {
+    Block* p = piece[i];
+    p->pool = this;
+    p->segment = block->segment;
+    p->addr = bounds[i];
+    p->size = static_cast<size_t>(bounds[i + 1] - bounds[i]);
+    p->state = BlockState::free;
+    p->committed = share[i];
+    p->freed_at_exit = i == kept ? fresh_exit : idle_exit;
+    p->freed_us = i == kept ? fresh_us : idle_us;
+    whole_is_fresh(p);
+    if (i > 0) {
+      piece[i - 1]->next = p;
+      p->prev = piece[i - 1];
+    }
+  }
+  piece[pieces - 1]->next = after;
+  if (after != nullptr) {
+    after->prev = piece[pieces - 1];
+  }
+  for (int i = 0; i < pieces; ++i) {
+    put_free(piece[i]);
+    bytes_cached += piece[i]->committed;
+  }
+  for (int i = 0; i < pieces; ++i) {
+    if (i != kept) {
+      release_block(piece[i], out, reason);  // part of a segment that keeps a free block: its pages
+    }
+  }
+  return true;
+}
+
 size_t Pool::working_set() const {
   const size_t window = window_peak.load(std::memory_order_relaxed);
   return recent_peaks.empty() ? window : std::max(window, recent_peaks.front().second);
@@ -428,7 +568,10 @@ void Pool::release_stale(Deferred& out) {
     }
   }
   for (Block* block : idle) {
-    release_block(block, out, Reason::exits);
+    const bool fresh_too = hold_after <= 0 || block->fresh_at_exit + static_cast<uint64_t>(hold_after) < exits;
+    if (fresh_too || !release_around_fresh(block, out, Reason::exits)) {
+      release_block(block, out, Reason::exits);
+    }
   }
 }
 
@@ -451,7 +594,12 @@ int64_t Pool::release_expired(int64_t now, Deferred& out) {
     }
   }
   for (Block* block : idle) {
-    release_block(block, out, Reason::time);
+    const int64_t fresh_due = deadline_after(block->fresh_us, hold_idle_us);
+    if (fresh_due <= now || !release_around_fresh(block, out, Reason::time)) {
+      release_block(block, out, Reason::time);
+    } else {
+      next = std::min(next, fresh_due);  // the part it kept
+    }
   }
   return next;
 }
@@ -581,6 +729,9 @@ void Pool::check_invariants() const {
   for (const Block* block : free_blocks) {
     TORCH_INTERNAL_ASSERT(block->state == BlockState::free && block->pool == this, "a free block in the wrong state");
     TORCH_INTERNAL_ASSERT(!block->node, "a block in the free set still holds its node");
+    TORCH_INTERNAL_ASSERT(block->fresh_size > 0 && block->fresh_addr >= block->addr &&
+                              block->fresh_addr + block->fresh_size <= block->addr + block->size,
+                          "a free block's freshest part lies outside it");
     cached += block->committed;
   }
   std::set<const Segment*> walked;

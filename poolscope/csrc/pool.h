@@ -150,6 +150,13 @@ struct alignas(64) Block {  // a cache line of its own: threads write the blocks
   uint64_t freed_at_exit = 0;  // the pool's exits when it was last given back
   int64_t freed_us = 0;      // when it was last given back (steady clock; merged: its most idle resident part)
   size_t committed = 0;      // bytes that may still be resident (upper bound)
+  // Its most recently freed resident part (merged blocks): what the clocks keep cached when they
+  // release the rest (Pool::release_around_fresh).
+  char* fresh_addr = nullptr;
+  size_t fresh_size = 0;
+  uint64_t fresh_at_exit = 0;
+  int64_t fresh_us = 0;
+  bool fresh_counted = false;  // each of its bytes is in `committed` (it was resident when freed)
   // Out of the free set: the set's node for it, so that putting it back allocates nothing (a
   // free must not fail: it runs in a deleter). In the set: empty.
   FreeSet::node_type node;
@@ -281,6 +288,9 @@ struct Pool : std::enable_shared_from_this<Pool> {
   void release_down_to(size_t budget, Deferred& out, Reason reason = Reason::other);
   void release_segments_smaller_than(size_t size, Deferred& out);
   void release_block(Block* block, Deferred& out, Reason reason = Reason::other);
+  // A block a clock found idle whose freshest part is not: that part stays cached and the rest
+  // is released. False, changing nothing, when it has no such part or no room to split it.
+  bool release_around_fresh(Block* block, Deferred& out, Reason reason);
   // Give back free memory that no lend of the last `release_after` outermost exits reused.
   void release_stale(Deferred& out);
   // Give back free memory unused for release_idle_us by `now`; returns when the next cached
