@@ -19,6 +19,10 @@
 // lend faults in memory within the bytes the clocks released, the pause since that memory was
 // last used belonged to the traffic, and the clock becomes twice that pause, within [setting,
 // kLearnLimit x setting]; a pause past that bound is the end of work and the clock starts over.
+// A merged free block is as idle as its most idle resident part, and remembers its freshest part
+// (the blocks the latest exit freed side by side): a clock that finds the block idle keeps that
+// part and releases the rest (release_around_fresh), so the front of a segment a loop reuses
+// stays while the idle tail goes.
 // Low memory (pressure.cpp) releases every cached block at once and starts the clocks over.
 // Caps (max_cached, max_bytes) release oldest first (release_down_to).
 //
