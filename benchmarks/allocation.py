@@ -203,7 +203,9 @@ def paired(rounds: int, n: int) -> dict[str, dict[str, float]]:
     layout and its own luck with the VM's cores. Here each ratio's two sides run back to back in
     one process with poolscope installed, in alternating order, ``rounds`` times; the figure is the
     median of the per-round ratios, with its quartiles. "never installed" is the allocator
-    poolscope replaced, called directly: the code a process without poolscope runs. ``spin`` is
+    poolscope replaced, called directly: the code a process without poolscope runs; "a bare
+    forwarding allocator" forwards everything to it, the least any allocator installed in
+    PyTorch's place costs (raw frees come through its own deleter). ``spin`` is
     arithmetic on each thread with nothing shared: what two threads gain there is what the machine
     gives them at that moment."""
     import statistics
@@ -227,16 +229,20 @@ def paired(rounds: int, n: int) -> dict[str, dict[str, float]]:
     sides: dict[str, tuple[Callable[[], Any], Callable[[], Any], Callable[[float, float], float]]] = {
         # name: (a, b, ratio of the two times); ratios read as "how many times better a is"
         "pooled hit vs never installed (time ratio, 1 thread)": (
-            lambda: hooks.churn(backend, 1, n, two), lambda: hooks.churn(None, 1, n, two, replaced=True),
+            lambda: hooks.churn(backend, 1, n, two), lambda: hooks.churn(None, 1, n, two, via="replaced"),
             lambda a, b: a / b),
         "raw frees outside scopes, rate installed / never installed": (
-            lambda: hooks.churn(None, 1, n, two, raw=True), lambda: hooks.churn(None, 1, n, two, raw=True, replaced=True),
+            lambda: hooks.churn(None, 1, n, two, raw=True), lambda: hooks.churn(None, 1, n, two, raw=True, via="replaced"),
+            lambda a, b: b / a),
+        "raw frees outside scopes, a bare forwarding allocator / never installed (the floor)": (
+            lambda: hooks.churn(None, 1, n, two, raw=True, via="forwarder"),
+            lambda: hooks.churn(None, 1, n, two, raw=True, via="replaced"),
             lambda a, b: b / a),
         "two threads / one, pooled hit, each in its own scope": (
             lambda: hooks.churn(backend, 1, n, two), lambda: hooks.churn(backend, 2, n, two),
             lambda a, b: 2 * a / b),
         "two threads / one, never installed (c10 over glibc)": (
-            lambda: hooks.churn(None, 1, n, two, replaced=True), lambda: hooks.churn(None, 2, n, two, replaced=True),
+            lambda: hooks.churn(None, 1, n, two, via="replaced"), lambda: hooks.churn(None, 2, n, two, via="replaced"),
             lambda a, b: 2 * a / b),
         "two threads / one, spin (the machine)": (
             lambda: hooks.spin(1, 8 * n), lambda: hooks.spin(2, 8 * n), lambda a, b: 2 * a / b),

@@ -103,7 +103,7 @@ def test_allocation_benchmark_pairs_its_ratios_in_one_process(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| ratio |" in out.stdout
     ratios = json.loads((tmp_path / "allocation-paired-smoke.json").read_text())["ratios"]
-    assert len(ratios) == 5
+    assert len(ratios) == 6
     assert all(r["median"] > 0 and r["q1"] <= r["median"] <= r["q3"] for r in ratios.values())
 
 

@@ -63,7 +63,7 @@ void free_ptr(void* ptr);
 struct PoolscopeAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t nbytes) override {
     if (C10_LIKELY(g_threads_in_scopes.load(std::memory_order_relaxed) == 0)) {
-      return replaced_allocator()->allocate(nbytes);
+      return g_replaced.load(std::memory_order_acquire)->allocate(nbytes);
     }
     Scope* top = t_innermost;
     if (C10_UNLIKELY(top != nullptr && top->closed_elsewhere.load(std::memory_order_relaxed))) {
@@ -98,7 +98,8 @@ void free_raw(void* ptr) {
 __attribute__((noinline)) void free_lent(Block* block);
 
 void free_ptr(void* ptr) {
-  Block* block = owned::take_lent(ptr);  // no lock: a pointer that is not a lent block takes none
+  // No lock: a pointer that is not a lent block takes none, and most are told by their address.
+  Block* block = owned::may_be_lent(ptr) ? owned::take_lent(ptr) : nullptr;
   if (C10_LIKELY(block == nullptr)) {
     if (ptr != nullptr) {
       free_raw(ptr);

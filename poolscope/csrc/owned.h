@@ -21,6 +21,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 namespace poolscope {
 struct Block;
@@ -35,6 +36,10 @@ constexpr size_t kSlotBytes = 512;  // pool.h's kGranule
 bool add(const char* base, size_t size);
 void remove(const char* base, size_t size);  // under g_mu
 void lend(Block* block, const char* addr);   // under g_mu: `addr` lies in an added segment
+// False for a pointer no block can start at (not slot-aligned): no table is read for it.
+inline bool may_be_lent(const void* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % kSlotBytes == 0;
+}
 // Any thread, no lock: the block lent at `ptr`, which is lent no more; nullptr when none is.
 Block* take_lent(const void* ptr);
 Block* lent_at(const void* ptr);  // the same without taking it (tests, leak reports: under g_mu)

@@ -27,6 +27,28 @@ namespace {
 
 std::atomic<int> g_probe_result{-1};
 
+// The least any allocator in poolscope's place can do outside scopes: forward every request to
+// the allocator it replaced and, since it cannot know that a raw free is not its own without
+// looking, hand raw frees on through a deleter of its own. The floor that churn(via="forwarder")
+// measures for raw frees outside every scope.
+std::atomic<c10::DeleterFnPtr> g_forward_raw{nullptr};
+
+void forward_raw_free(void* ptr) {
+  g_forward_raw.load(std::memory_order_acquire)(ptr);
+}
+
+struct Forwarder final : c10::Allocator {
+  c10::DataPtr allocate(size_t nbytes) override {
+    return replaced_allocator()->allocate(nbytes);
+  }
+  c10::DeleterFnPtr raw_deleter() const override {
+    return &forward_raw_free;
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
 // Constructed before the thread's scope stack, so destroyed after it, at thread exit.
 struct AllocatesWhenDestroyed {
   Pool* pool = nullptr;
@@ -102,16 +124,29 @@ void register_test_hooks(py::module_& m) {
       py::call_guard<py::gil_scoped_release>());
   t.def(
       "churn",
-      [](const std::shared_ptr<Pool>& pool, int threads, int64_t n, size_t size, bool raw, int depth, bool replaced) {
+      [](const std::shared_ptr<Pool>& pool, int threads, int64_t n, size_t size, bool raw, int depth, const std::string& via) {
         // The engine's own cost, from C++ with the GIL released (benchmarks/allocation.py): each
         // thread allocates and frees `size` bytes `n` times through PyTorch's CPU allocator, inside
         // `depth` nested scopes of its own on `pool` (None: outside every scope). `raw`: the
-        // raw_allocate/raw_deallocate interface oneDNN uses. `replaced`: through the allocator
-        // poolscope replaced, as a process that never installed it does (the same process, so
-        // that a comparison is not one between two processes' heaps and placements).
-        c10::Allocator* allocator = replaced ? replaced_allocator() : c10::GetCPUAllocator();
-        if (allocator == nullptr) {
-          throw std::invalid_argument("churn(replaced=True): poolscope is not installed yet");
+        // raw_allocate/raw_deallocate interface oneDNN uses. `via`: "installed", PyTorch's CPU
+        // allocator (poolscope's once installed); "replaced", the allocator poolscope replaced,
+        // as a process that never installed it calls it; "forwarder", a bare allocator that
+        // forwards to that one (the floor of any allocator in poolscope's place). All three in
+        // one process, so that a comparison is not one between two processes' heaps.
+        static Forwarder forwarder;
+        if (via != "installed" && replaced_allocator() == nullptr) {
+          throw std::invalid_argument("churn(via=\"" + via + "\"): poolscope is not installed yet");
+        }
+        c10::Allocator* allocator;
+        if (via == "installed") {
+          allocator = c10::GetCPUAllocator();
+        } else if (via == "replaced") {
+          allocator = replaced_allocator();
+        } else if (via == "forwarder") {
+          g_forward_raw.store(replaced_allocator()->raw_deleter(), std::memory_order_release);
+          allocator = &forwarder;
+        } else {
+          throw std::invalid_argument("churn(via=\"" + via + "\"): expected \"installed\", \"replaced\" or \"forwarder\"");
         }
         auto work = [&] {
           std::vector<std::shared_ptr<Scope>> scopes;
@@ -144,7 +179,7 @@ void register_test_hooks(py::module_& m) {
         }
       },
       py::arg("pool"), py::arg("threads"), py::arg("n"), py::arg("size"), py::arg("raw") = false,
-      py::arg("depth") = 1, py::arg("replaced") = false, py::call_guard<py::gil_scoped_release>());
+      py::arg("depth") = 1, py::arg("via") = "installed", py::call_guard<py::gil_scoped_release>());
   t.def(
       "spin",
       [](int threads, int64_t n) {
