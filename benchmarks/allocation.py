@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -195,7 +195,50 @@ def cxx_churn(mode: str, workers: int = 1, n: int = 200_000, size: int = 2 * MiB
     return body
 
 
-def paired(rounds: int, n: int) -> dict[str, dict[str, float]]:
+class ThreadRun(NamedTuple):
+    """What one serving thread's call took: wall and CPU time, waits (it blocked) and
+    preemptions (the scheduler took its core away)."""
+
+    wall_s: float
+    cpu_s: float
+    waits: int
+    preemptions: int
+
+
+class _ServingThread:
+    """A thread that lives through the whole measurement and runs what it is handed, as a
+    server's threads do: the two-thread ratios compare the same two threads running one at a time
+    and at once (a thread made per call would be compared with the caller, with a new stack, heap
+    arena and empty held blocks, and pay its start in the figure)."""
+
+    def __init__(self) -> None:
+        self.go, self.done = threading.Semaphore(0), threading.Semaphore(0)
+        self.fn: Callable[[], Any] = lambda: None
+        self.run = ThreadRun(0.0, 0.0, 0, 0)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import resource
+        import time
+
+        while True:
+            self.go.acquire()
+            before = resource.getrusage(resource.RUSAGE_THREAD)
+            cpu, wall = time.thread_time(), time.perf_counter()
+            self.fn()  # a C++ loop that releases the GIL
+            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+            after = resource.getrusage(resource.RUSAGE_THREAD)
+            self.run = ThreadRun(wall, cpu, after.ru_nvcsw - before.ru_nvcsw, after.ru_nivcsw - before.ru_nivcsw)
+            self.done.release()
+
+
+def _steal() -> tuple[int, int]:
+    """(steal, all) CPU time of this machine so far, in ticks: what the hypervisor took."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    return fields[7], sum(fields)
+
+
+def paired(rounds: int, n: int) -> tuple[dict[str, dict[str, float]], float]:
     """Issue 28's ratios measured in this one process, pair by pair (``--paired``).
 
     Across processes the C++ loops' ratios moved more than the effects they measure (raw frees:
@@ -205,9 +248,15 @@ def paired(rounds: int, n: int) -> dict[str, dict[str, float]]:
     median of the per-round ratios, with its quartiles. "never installed" is the allocator
     poolscope replaced, called directly: the code a process without poolscope runs; "a bare
     forwarding allocator" forwards everything to it, the least any allocator installed in
-    PyTorch's place costs (raw frees come through its own deleter). ``spin`` is
-    arithmetic on each thread with nothing shared: what two threads gain there is what the machine
-    gives them at that moment."""
+    PyTorch's place costs (raw frees come through its own deleter).
+
+    Two threads: two serving threads (``_ServingThread``), each in scopes of its own on the one
+    pool, run the same loop one at a time, then at once (or the other way round): throughput at
+    once over one at a time. Beside it, what they used: CPU time at once over one at a time (above
+    1: they cost each other cycles, a shared cache line, a lock that spins, or a core the
+    hypervisor shares), waits (a thread blocked: a lock that sleeps) and preemptions; and, returned
+    beside the ratios, the share of the machine's time the hypervisor stole meanwhile (/proc/stat). ``spin`` is arithmetic with
+    nothing shared: what two threads gain there is what the machine gives them at that moment."""
     import statistics
     import time
 
@@ -238,18 +287,43 @@ def paired(rounds: int, n: int) -> dict[str, dict[str, float]]:
             lambda: hooks.churn(None, 1, n, two, raw=True, via="forwarder"),
             lambda: hooks.churn(None, 1, n, two, raw=True, via="replaced"),
             lambda a, b: b / a),
-        "two threads / one, pooled hit, each in its own scope": (
-            lambda: hooks.churn(backend, 1, n, two), lambda: hooks.churn(backend, 2, n, two),
-            lambda a, b: 2 * a / b),
-        "two threads / one, never installed (c10 over glibc)": (
-            lambda: hooks.churn(None, 1, n, two, via="replaced"), lambda: hooks.churn(None, 2, n, two, via="replaced"),
-            lambda a, b: 2 * a / b),
-        "two threads / one, spin (the machine)": (
-            lambda: hooks.spin(1, 8 * n), lambda: hooks.spin(2, 8 * n), lambda a, b: 2 * a / b),
     }
+    # Calls four times longer than above: waking two threads costs tens of microseconds here.
+    threaded: dict[str, Callable[[], Any]] = {
+        "pooled hit, each in its own scope": lambda: hooks.churn(backend, 1, 4 * n, two),
+        "never installed (c10 over glibc)": lambda: hooks.churn(None, 1, 4 * n, two, via="replaced"),
+        "spin (the machine)": lambda: hooks.spin(1, 32 * n),
+    }
+    workers = (_ServingThread(), _ServingThread())
+
+    def one_at_a_time(fn: Callable[[], Any]) -> tuple[float, list[ThreadRun]]:
+        start = time.perf_counter()
+        for w in workers:
+            w.fn = fn
+            w.go.release()
+            w.done.acquire()
+        return time.perf_counter() - start, [w.run for w in workers]
+
+    def at_once(fn: Callable[[], Any]) -> tuple[float, list[ThreadRun]]:
+        start = time.perf_counter()
+        for w in workers:
+            w.fn = fn
+            w.go.release()
+        for w in workers:
+            w.done.acquire()
+        return time.perf_counter() - start, [w.run for w in workers]
+
     for a, b, _ in sides.values():  # warm: segments made, held blocks filled, heaps grown
         a(), b()
+    for fn in threaded.values():
+        one_at_a_time(fn), at_once(fn)
     ratios: dict[str, list[float]] = {name: [] for name in sides}
+    for name in threaded:
+        ratios.update({f"two threads / one, {name}": [], f"two threads / one, {name}, each thread's own rate": [],
+                       f"CPU time, two at once / one at a time, {name}": []})
+    waits = {name: 0 for name in threaded}
+    preempted = {name: 0 for name in threaded}
+    steal0, all0 = _steal()
     for r in range(rounds):
         for name, (a, b, ratio) in sides.items():
             if r % 2 == 0:
@@ -257,11 +331,29 @@ def paired(rounds: int, n: int) -> dict[str, dict[str, float]]:
             else:
                 tb, ta = timed(b), timed(a)
             ratios[name].append(ratio(ta, tb))
-    summary = {}
+        for name, fn in threaded.items():
+            if r % 2 == 0:
+                (t1, runs1), (t2, runs2) = one_at_a_time(fn), at_once(fn)
+            else:
+                (t2, runs2), (t1, runs1) = at_once(fn), one_at_a_time(fn)
+            ratios[f"two threads / one, {name}"].append(t1 / t2)
+            # A server's threads do not wait for each other at the end of a call: what each
+            # served per second while both ran, over what one thread serves alone.
+            alone = 2 / sum(run.wall_s for run in runs1)
+            ratios[f"two threads / one, {name}, each thread's own rate"].append(
+                sum(1 / run.wall_s for run in runs2) / alone)
+            ratios[f"CPU time, two at once / one at a time, {name}"].append(
+                sum(run.cpu_s for run in runs2) / sum(run.cpu_s for run in runs1))
+            waits[name] += sum(run.waits for run in runs2)
+            preempted[name] += sum(run.preemptions for run in runs2)
+    steal1, all1 = _steal()
+    summary: dict[str, dict[str, float]] = {}
     for name, values in ratios.items():
         q = statistics.quantiles(values, n=4)
         summary[name] = {"median": statistics.median(values), "q1": q[0], "q3": q[2], "rounds": len(values)}
-    return summary
+    for name in threaded:
+        summary[f"two threads / one, {name}"].update({"waits at once": waits[name], "preemptions at once": preempted[name]})
+    return summary, (steal1 - steal0) / max(1, all1 - all0)
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -360,12 +452,18 @@ def main() -> int:
     args = parser.parse_args()
     if args.paired:
         rounds, n = (3, 1000) if args.smoke else (max(args.rounds, 9), 200_000)
-        summary = paired(rounds, n)
-        print(f"\nmachine: {machine()}; {rounds} rounds, n = {n:,} per thread per call; median [quartiles] of per-round ratios\n")
+        summary, stolen = paired(rounds, n)
+        print(f"\nmachine: {machine()}; {rounds} rounds, n = {n:,} per call (two threads: {4 * n:,} per thread per call); "
+              "median [quartiles] of per-round ratios\n")
         print(markdown(["ratio", "median", "quartiles"],
                        [[k, f"{v['median']:.2f}", f"{v['q1']:.2f}-{v['q3']:.2f}"] for k, v in summary.items()]))
+        for k, v in summary.items():
+            if "waits at once" in v:
+                print(f"{k}: in {rounds} rounds at once, {v['waits at once']} waits, {v['preemptions at once']} preemptions")
         name = "allocation-paired-smoke.json" if args.smoke else "allocation-paired.json"
-        path = write_json(args.out, name, {"machine": machine(), "rounds": rounds, "n": n, "ratios": summary})
+        print(f"machine time stolen by the hypervisor meanwhile: {stolen:.1%}")
+        path = write_json(args.out, name, {"machine": machine(), "rounds": rounds, "n": n, "ratios": summary,
+                                           "stolen_share": stolen})
         print(f"\nresults: {path}")
         return 0
     rounds, repeats, warmup = (1, 2, 1) if args.smoke else (args.rounds, args.repeats, 2)

@@ -23,7 +23,7 @@ RSS over the second half of the stream, and RSS ``--idle`` seconds after the las
 setups idle at once). poolscope's own figures say what its retention did (releases by time, by
 exits, refaults, the clocks it learned). An SVG of RSS over the stream goes next to the JSON.
 
-Run (in the models environment: ``bash scripts/bench-models --setup-only`` makes it):
+Run (in the models environment, which ``bash scripts/bench-models --setup-only`` makes):
     .venv-models/bin/python benchmarks/serving.py --workload embedding --gap 15 --requests 40
     python benchmarks/serving.py --smoke      # a tiny encoder: checks that it runs
 """
@@ -218,6 +218,9 @@ def run(args: argparse.Namespace, setups: dict[str, dict[str, str]], log: Callab
                 for name in names:
                     for k, batch in enumerate(batches[start:start + args.burst]):
                         children[name].serve(batch, after_wait=(k == 0))
+                served = min(start + args.burst, len(batches))
+                if served % 100 < args.burst:
+                    log(f"    {served}/{len(batches)} requests served by each setup")
         else:
             due = {name: time.monotonic() for name in order}
             done = dict.fromkeys(order, 0)

@@ -102,9 +102,13 @@ def test_allocation_benchmark_pairs_its_ratios_in_one_process(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| ratio |" in out.stdout
-    ratios = json.loads((tmp_path / "allocation-paired-smoke.json").read_text())["ratios"]
-    assert len(ratios) == 6
+    result = json.loads((tmp_path / "allocation-paired-smoke.json").read_text())
+    ratios = result["ratios"]
+    assert len(ratios) == 3 + 3 * 3  # one thread's three; per two-thread loop: wall, each thread's rate, CPU
     assert all(r["median"] > 0 and r["q1"] <= r["median"] <= r["q3"] for r in ratios.values())
+    two_threads = [r for name, r in ratios.items() if "waits at once" in r]
+    assert len(two_threads) == 3 and all(r["waits at once"] >= 0 <= r["preemptions at once"] for r in two_threads)
+    assert 0 <= result["stolen_share"] <= 1
 
 
 def test_first_scope_does_not_import_dynamo():
