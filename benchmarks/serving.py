@@ -10,7 +10,8 @@ requests in the same order):
 Setups, each a child process of its own, all alive at once (as ``benchmarks/models.py``): plain
 PyTorch, poolscope with its defaults (one ``pool_scope()`` around each request; the clocks learn),
 glibc told never to give memory back, and jemalloc, mimalloc and tcmalloc preloaded where
-installed. ``--gap`` seconds separate two requests *of the same setup*, measured from the end of
+installed; ``--setups`` may add poolscope at another threshold (``poolscope@256KiB``: the faults
+per request by size band come from these) or over a preloaded peer (``poolscope+tcmalloc``). ``--gap`` seconds separate two requests *of the same setup*, measured from the end of
 one to the start of the next: the parent schedules every setup by its own clock, so a setup sees
 the gap it was given, not the other setups' turns (the actual gaps are reported). Gap 0 is served
 in bursts of ``--burst`` back-to-back requests per turn; the first request of each burst waited
@@ -184,11 +185,63 @@ def child(workload: str, mode: str, count: int, seed: int, smoke: bool) -> None:
 # --- the parent: scheduling by each setup's own clock ----------------------------------------------
 
 
+def setups_wanted(wanted: tuple[str, ...]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Setup name -> environment. Peers by name (``_harness.peers``); ``poolscope`` with its
+    defaults; ``poolscope@256KiB``, another threshold (what the faults below 1 MiB are:
+    ``bands``); ``poolscope+tcmalloc``, poolscope's scopes in a process whose allocator is a
+    preloaded peer (the two compose: the peer serves what is below the threshold)."""
+    ours = [w for w in wanted if w.startswith("poolscope")]
+    under = {w.partition("+")[2] for w in ours} - {""}
+    unknown = sorted((set(wanted) - set(ours) | under) - set(PEERS))
+    if unknown:
+        raise SystemExit(f"--setups: unknown setup(s) {', '.join(unknown)}; peers are {', '.join(PEERS)}, and poolscope, "
+                         "poolscope@THRESHOLD (e.g. poolscope@256KiB) or poolscope+PEER (e.g. poolscope+tcmalloc)")
+    found, missing = peers(tuple(dict.fromkeys(("plain",) + tuple(w for w in wanted if w not in ours) + tuple(under))))
+    setups = {"plain": found["plain"]}
+    for name in ours:
+        base, _, preload = name.partition("+")
+        env = {} if not preload else found.get(preload)
+        if env is None:
+            continue  # its peer is missing: noted
+        _, _, threshold = base.partition("@")
+        setups[name] = {**env, "POOLSCOPE_THRESHOLD": threshold} if threshold else dict(env)
+    setups.update((w, found[w]) for w in wanted if w in found and w != "plain")
+    return setups, missing
+
+
+def bands(counted: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Page faults per request by allocation size band, from the poolscope setups at several
+    thresholds: what a setup at a lower threshold no longer faults lay between the two thresholds
+    (request by request, the median over the requests both served); what the lowest one still
+    faults lies below it, beside what it pooled and faulted in (its misses)."""
+    from poolscope._config import parse_threshold
+
+    levels = sorted(((parse_threshold(name.partition("@")[2] or "1MiB"), name) for name in counted
+                     if name.startswith("poolscope") and "+" not in name), reverse=True)
+    if len(levels) < 2:
+        return []
+    rows = []
+    by_index = {name: {r["index"]: r for r in counted[name]} for _, name in levels}
+    for (high, upper), (low, lower) in zip(levels, levels[1:]):
+        common = by_index[upper].keys() & by_index[lower].keys()
+        saved = [by_index[upper][i]["faults"] - by_index[lower][i]["faults"] for i in common]
+        rows.append({"band": f"{low // 1024} KiB to {high // 1024} KiB", "from": f"{upper} - {lower}",
+                     "faults": statistics.median(saved) if saved else None,
+                     "faults_mean": statistics.fmean(saved) if saved else None})
+    low, lowest = levels[-1]
+    left = counted[lowest]
+    rows.append({"band": f"below {low // 1024} KiB, and what {lowest} pooled and faulted in", "from": lowest,
+                 "faults": statistics.median(r["faults"] for r in left) if left else None,
+                 "faults_mean": statistics.fmean(r["faults"] for r in left) if left else None,
+                 "misses_per_request": statistics.fmean(r["misses"] for r in left) if left else None})
+    return rows
+
+
 class Setup(ChildProcess):
     """One setup's server (``child``), with the records of the requests it served."""
 
     def __init__(self, name: str, env: dict[str, str], args: argparse.Namespace) -> None:
-        mode = "poolscope" if name == "poolscope" else "plain"
+        mode = "poolscope" if name.startswith("poolscope") else "plain"
         argv = [sys.executable, __file__, "--child", args.workload, mode, str(args.requests), str(args.seed)]
         super().__init__(name, argv + (["--smoke"] if args.smoke else []), {**env, "TOKENIZERS_PARALLELISM": "false"})
         self.records: list[dict[str, Any]] = []
@@ -326,12 +379,7 @@ def main() -> int:
     if args.smoke:
         args.requests, args.warmup, args.idle, args.burst = 6, 1, [0.1, 0.2], 3
         args.gap = min(args.gap, 0.2)
-    wanted = tuple(args.setups.split(","))
-    found, missing = peers(tuple(w for w in wanted if w != "poolscope"))
-    setups = {"plain": found.pop("plain", {})}
-    if "poolscope" in wanted:
-        setups["poolscope"] = {}
-    setups.update(found)
+    setups, missing = setups_wanted(tuple(args.setups.split(",")))
     for note in missing:
         print(f"note: {note}; that column is left out")
     where = machine()
@@ -357,15 +405,21 @@ def main() -> int:
     if "poolscope" in summary:
         print("poolscope:", json.dumps(summary["poolscope"]["poolscope"]),
               "misses per request after warm-up:", summary["poolscope"].get("misses_per_request_after_warmup"))
+    counted = {name: [r for r in res["records"] if r["index"] >= args.warmup and not r["after_wait"]]
+               for name, res in results.items()}
+    by_band = bands(counted)
+    if by_band:
+        print()
+        print(markdown(["size band", "faults per request (median)", "(mean)", "from"],
+                       [[b["band"], f"{b['faults']:.0f}", f"{b['faults_mean']:.0f}", b["from"]] for b in by_band]))
     name = f"serving-{args.workload}-gap{args.gap:g}-t{args.threads}{'-smoke' if args.smoke else ''}"
     data = {"machine": where, "args": {k: str(v) for k, v in vars(args).items()}, "summary": summary,
-            "table": table, "seconds": time.monotonic() - started}
+            "bands": by_band, "table": table, "seconds": time.monotonic() - started}
     path = write_json(args.out, name + ".json", data)
     (args.out / (name + ".svg")).write_text(svg({n: r["rss_mib"] for n, r in summary.items()},
                                                 f"RSS (MiB) after each request: {args.workload}, gap {args.gap:g} s"))
     print(f"wrote {path}")
-    identical = summary.get("poolscope", {}).get("identical", True)
-    return 0 if identical else 1
+    return 0 if all(row["identical"] for row in summary.values()) else 1
 
 
 if __name__ == "__main__":

@@ -92,6 +92,35 @@ def test_benchmarks_run_in_quick_mode(script, tmp_path):
 
 
 @pytest.mark.pools
+def test_serving_benchmark_splits_faults_by_size_band_from_poolscope_at_several_thresholds(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--smoke", "--out", str(tmp_path),
+         "--setups", "poolscope,poolscope@256KiB,poolscope@64KiB,plain"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert set(result["summary"]) == {"plain", "poolscope", "poolscope@256KiB", "poolscope@64KiB"}
+    assert all(row["identical"] for row in result["summary"].values())
+    assert [b["from"] for b in result["bands"]] == [
+        "poolscope - poolscope@256KiB", "poolscope@256KiB - poolscope@64KiB", "poolscope@64KiB"]
+    assert "| size band |" in out.stdout
+
+
+def test_serving_benchmark_names_an_unknown_setup():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--smoke", "--setups", "poolscope+tcmallok"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "unknown setup(s) tcmallok" in out.stderr and "poolscope+PEER" in out.stderr
+
+
+@pytest.mark.pools
 def test_allocation_benchmark_pairs_its_ratios_in_one_process(tmp_path):
     """``allocation.py --paired``: every ratio of issue 28 measured in one process, as a smoke run."""
     out = subprocess.run(
