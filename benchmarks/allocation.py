@@ -255,8 +255,9 @@ def paired(rounds: int, n: int) -> tuple[dict[str, dict[str, float]], float]:
     once over one at a time. Beside it, what they used: CPU time at once over one at a time (above
     1: they cost each other cycles, a shared cache line, a lock that spins, or a core the
     hypervisor shares), waits (a thread blocked: a lock that sleeps) and preemptions; and, returned
-    beside the ratios, the share of the machine's time the hypervisor stole meanwhile (/proc/stat). ``spin`` is arithmetic with
-    nothing shared: what two threads gain there is what the machine gives them at that moment."""
+    beside the ratios, the share of the machine's time the hypervisor stole meanwhile (/proc/stat).
+    ``spin`` is arithmetic with nothing shared: what two threads gain there is what the machine
+    gives them at that moment."""
     import statistics
     import time
 

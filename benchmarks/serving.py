@@ -11,8 +11,9 @@ Setups, each a child process of its own, all alive at once (as ``benchmarks/mode
 PyTorch, poolscope with its defaults (one ``pool_scope()`` around each request; the clocks learn),
 glibc told never to give memory back, and jemalloc, mimalloc and tcmalloc preloaded where
 installed; ``--setups`` may add poolscope at another threshold (``poolscope@256KiB``: the faults
-per request by size band come from these) or over a preloaded peer (``poolscope+tcmalloc``). ``--gap`` seconds separate two requests *of the same setup*, measured from the end of
-one to the start of the next: the parent schedules every setup by its own clock, so a setup sees
+per request by size band come from these) or over a preloaded peer (``poolscope+tcmalloc``).
+``--gap`` seconds separate two requests *of the same setup*, measured from the end of one to the
+start of the next: the parent schedules every setup by its own clock, so a setup sees
 the gap it was given, not the other setups' turns (the actual gaps are reported). Gap 0 is served
 in bursts of ``--burst`` back-to-back requests per turn; the first request of each burst waited
 for the others and is left out of the per-request figures. ``--threads 2`` serves two requests
