@@ -277,7 +277,7 @@ def run(args: argparse.Namespace, setups: dict[str, dict[str, str]], log: Callab
                     log(f"    {served}/{len(batches)} requests served by each setup")
                     # What a long stream has shown so far, should it be stopped before the end.
                     write_json(args.out, f"serving-{args.workload}-gap0-t{args.threads}-partial.json",
-                               {name: [{k: r[k] for k in ("index", "time", "faults", "misses", "rss")}
+                               {name: [{k: r[k] for k in ("index", "time", "faults", "misses", "rss", "digest")}
                                        for r in child.records] for name, child in children.items()})
         else:
             due = {name: time.monotonic() for name in order}
