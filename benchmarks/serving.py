@@ -300,10 +300,16 @@ def run(args: argparse.Namespace, setups: dict[str, dict[str, str]], log: Callab
     return {name: {"records": children[name].records, "idle_rss": idle[name]["rss"], **figures[name]} for name in order}
 
 
+def counted_records(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Each setup's requests that the per-request figures count: after the warm-up, and not the
+    first of a burst (which waited for the other setups' turns)."""
+    return {name: [r for r in res["records"] if r["index"] >= args.warmup and not r["after_wait"]]
+            for name, res in results.items()}
+
+
 def summarize(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
     plain_digests = {r["index"]: r["digest"] for r in results["plain"]["records"]}
-    counted = {name: [r for r in res["records"] if r["index"] >= args.warmup and not r["after_wait"]]
-               for name, res in results.items()}
+    counted = counted_records(args, results)
     peers_here = [p for p in PEERS if p in results]
     by_index = {name: {r["index"]: r for r in rec} for name, rec in counted.items()}
     fastest = min((p for p in peers_here), key=lambda p: statistics.median(r["time"] for r in counted[p]) if counted[p] else 1e9)
@@ -410,9 +416,7 @@ def main() -> int:
     if "poolscope" in summary:
         print("poolscope:", json.dumps(summary["poolscope"]["poolscope"]),
               "misses per request after warm-up:", summary["poolscope"].get("misses_per_request_after_warmup"))
-    counted = {name: [r for r in res["records"] if r["index"] >= args.warmup and not r["after_wait"]]
-               for name, res in results.items()}
-    by_band = bands(counted)
+    by_band = bands(counted_records(args, results))
     if by_band:
         print()
         print(markdown(["size band", "faults per request (median)", "(mean)", "from"],
