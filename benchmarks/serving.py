@@ -21,9 +21,10 @@ at once on two threads of each child.
 
 Per request: time, minor page faults and RSS after it, outputs hashed and compared with plain's.
 Per setup: medians after ``--warmup`` requests, time over the fastest peer request by request,
-RSS over the second half of the stream, and RSS ``--idle`` seconds after the last request (all
-setups idle at once). poolscope's own figures say what its retention did (releases by time, by
-exits, refaults, the clocks it learned). An SVG of RSS over the stream goes next to the JSON.
+the largest RSS in each tenth of the stream (growth over the second half is its peak there over
+its first tenth there), and RSS ``--idle`` seconds after the last request (all setups idle at
+once). poolscope's own figures say what its retention did (releases by time, by exits, refaults,
+the clocks it learned). An SVG of RSS over the stream goes next to the JSON.
 
 Run (in the models environment, which ``bash scripts/bench-models --setup-only`` makes):
     .venv-models/bin/python benchmarks/serving.py --workload embedding --gap 15 --requests 40
@@ -307,6 +308,12 @@ def counted_records(args: argparse.Namespace, results: dict[str, Any]) -> dict[s
             for name, res in results.items()}
 
 
+def window_peaks(rss: list[int], windows: int = 10) -> list[int]:
+    """The largest RSS in each tenth of the stream (fewer windows in a shorter stream)."""
+    size = max(1, -(-len(rss) // windows))
+    return [max(rss[i:i + size]) for i in range(0, len(rss), size)]
+
+
 def summarize(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
     plain_digests = {r["index"]: r["digest"] for r in results["plain"]["records"]}
     counted = counted_records(args, results)
@@ -317,14 +324,17 @@ def summarize(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
     for name, res in results.items():
         rec = counted[name]
         rss = [r["rss"] for r in res["records"]]
-        half = rss[len(rss) // 2:]
+        peaks = window_peaks(rss)
         gaps = [r["gap"] for r in res["records"] if r["gap"] is not None and not r["after_wait"]]
         row = {
             "ms": statistics.median(r["time"] for r in rec) * 1e3 if rec else None,
             "faults": statistics.median(r["faults"] for r in rec) if rec else None,
             "faults_mean": statistics.fmean(r["faults"] for r in rec) if rec else None,
             "rss_mib_end_of_stream": rss[-1] / 2**20,
-            "rss_growth_second_half_mib": (max(half) - half[0]) / 2**20 if half else 0,
+            "rss_peaks_mib": [x / 2**20 for x in peaks],
+            # The peak window of the second half over its first: a pool that gives memory back
+            # between bursts rises and falls within a window, which is not growth.
+            "rss_growth_second_half_mib": (max(peaks[len(peaks) // 2:]) - peaks[len(peaks) // 2]) / 2**20 if peaks else 0,
             "idle_rss_mib": {f"{m:g}": x / 2**20 for m, x in zip(args.idle, res["idle_rss"])},
             "identical": all(plain_digests.get(r["index"]) == r["digest"] for r in res["records"]),
             "gap_s": [min(gaps), statistics.median(gaps), max(gaps)] if gaps else None,

@@ -109,6 +109,34 @@ def test_serving_benchmark_splits_faults_by_size_band_from_poolscope_at_several_
     assert "| size band |" in out.stdout
 
 
+def test_serving_benchmark_counts_rss_growth_from_the_peaks_of_the_stream_not_its_troughs():
+    """A pool that gives memory back between bursts and takes it again is not growing; a heap that
+    climbs a staircase is."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serving_under_test", ROOT / "benchmarks" / "serving.py")
+    serving = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serving)
+    mib = 2**20
+    streams = {
+        "plain": [100 * mib + i * mib for i in range(40)],  # a staircase: 1 MiB a request
+        "poolscope": [(300 if i % 4 == 3 else 200) * mib for i in range(40)],  # a sawtooth, flat peaks
+    }
+    results = {
+        name: {"idle_rss": [rss[-1]], "records": [
+            {"index": i, "time": 1.0, "faults": 0, "misses": 0, "rss": x, "digest": "d", "gap": 0.0,
+             "wall": 1.0, "after_wait": False} for i, x in enumerate(rss)]}
+        for name, rss in streams.items()
+    }
+    args = argparse.Namespace(warmup=0, threads=1, idle=[60.0])
+    summary = serving.summarize(args, results)
+    assert summary["poolscope"]["rss_peaks_mib"] == [300.0] * 10
+    assert summary["poolscope"]["rss_growth_second_half_mib"] == 0
+    assert summary["plain"]["rss_peaks_mib"] == [103.0 + 4 * k for k in range(10)]
+    assert summary["plain"]["rss_growth_second_half_mib"] == 16  # windows 6-10: 123 to 139 MiB
+
+
 def test_serving_benchmark_names_an_unknown_setup():
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--smoke", "--setups", "poolscope+tcmallok"],
