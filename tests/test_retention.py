@@ -107,6 +107,37 @@ def test_the_hold_is_bounded_and_a_longer_pause_starts_over():
 
 
 @native_only
+def test_a_shape_rarer_than_the_bound_does_not_end_the_work_of_the_traffic_around_it():
+    # The idle clock learned 320 s; a 64 MiB request comes back 405 s after its last one while
+    # 8 MiB requests keep coming every 15 s. Its memory went back at 320 s (it cannot be held
+    # longer); its refault is a rare shape of ongoing traffic, not the end of work, so the clock
+    # must not start over and release the steady requests' memory at their next 15 s pause.
+    pool = poolscope.TensorPool("cpu")
+    with injected_clock() as advance:
+        request(pool)
+        for pause in (12, 30, 100, 250):
+            advance(pause)
+            request(pool)
+        assert pool.stats().hold_idle_s == 320.0
+        request(pool, mib=64)
+        for _ in range(27):
+            advance(15)
+            request(pool)
+        released = pool.stats().bytes_released_by_time
+        assert released >= 128 * MiB  # the rare request's memory went back at the bound
+        refaults = pool.stats().refaults
+        request(pool, mib=64)
+        s = pool.stats()
+        assert s.refaults > refaults and s.hold_idle_s == 320.0
+        refaults = s.refaults
+        for _ in range(4):
+            advance(15)
+            request(pool)
+        s = pool.stats()
+        assert (s.bytes_released_by_time, s.refaults) == (released, refaults)
+
+
+@native_only
 def test_the_exits_clock_learns_the_shapes_the_traffic_comes_back_for():
     # A rare large request every 102 exits: the 100-exit setting releases its memory each time.
     pool = poolscope.TensorPool("cpu", release_idle_s=None)

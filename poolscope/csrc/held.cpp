@@ -96,6 +96,9 @@ void return_held_locked(Stack& stack, Deferred* out) {
     block->state = BlockState::free;
     pool->insert_free(block);
   }
+  if (stack.held_count > 0) {
+    pool->last_free_us = now;
+  }
   pool->hits += stack.held_hits;
   pool->bytes_requested = static_cast<size_t>(static_cast<int64_t>(pool->bytes_requested) + stack.held_requested);
   if (stack.held_count > 0 && out != nullptr) {

@@ -301,6 +301,7 @@ void Pool::free_block(Block* block, Deferred& out) {
   block->freed_us = mono_coarse_us();
   block->state = BlockState::free;
   const int64_t freed_us = block->freed_us;
+  last_free_us = freed_us;
   insert_free(block);
   note_cached_locked(this, freed_us, out);  // the idle clock and the pressure watch
   if (max_cached != kNone && bytes_cached > static_cast<size_t>(max_cached)) {

@@ -18,7 +18,8 @@
 // A clock left to learn starts at its setting and learns from what follows a release: when a
 // lend faults in memory within the bytes the clocks released, the pause since that memory was
 // last used belonged to the traffic, and the clock becomes twice that pause, within [setting,
-// kLearnLimit x setting]; a pause past that bound is the end of work and the clock starts over.
+// kLearnLimit x setting]; a pause of the whole pool past the idle clock's bound (nothing freed
+// into it) is the end of work, and both clocks start over.
 // A merged free block is as idle as its most idle resident part, and remembers its freshest part
 // (the blocks the latest exit freed side by side): a clock that finds the block idle keeps that
 // part and releases the rest (release_around_fresh), so the front of a segment a loop reuses
@@ -237,6 +238,7 @@ struct Pool : std::enable_shared_from_this<Pool> {
   // (time, exits) any of it was in use; learning reads them at the next lend that faults.
   size_t unreturned = 0;
   int64_t unreturned_since_us = 0, released_at_us = 0;
+  int64_t last_free_us = 0;  // the latest block freed into the pool: the pool's own pause ends there
   uint64_t unreturned_since_exit = 0;
   int64_t refaults = 0, bytes_refaulted = 0, bytes_released_by_pressure = 0;
 

@@ -10,12 +10,19 @@
 // latest moment (time and exits) that memory was in use. A lend that faults in pages while
 // `unreturned` is positive is a refault: the pause since then belonged to the traffic, and each
 // clock left to learn becomes at least twice that pause, at most kLearnLimit times its setting.
-// A pause past that limit is the end of work: the clock goes back to its setting. So a process
-// whose traffic stops gives everything back within kLearnLimit x its settings at most (320 s with
-// the defaults), and low memory gives it back at once (release_under_pressure_locked).
+// So a process whose traffic stops gives everything back within kLearnLimit x its settings at
+// most (320 s with the defaults), and low memory gives it back at once
+// (release_under_pressure_locked).
+//
+// The end of work is the pool's own pause, not the memory's: when nothing was freed into the
+// pool for longer than the idle clock can hold, both clocks start over from their settings and
+// the traffic that resumes teaches them again. Memory unused for longer than that while the rest
+// of the pool was busy is a rare shape of ongoing traffic: it teaches the limit. (Taking the
+// memory's pause for the end of work sent a stream's clock back to 10 s whenever a shape rarer
+// than 320 s came back, and the next 15 s pause released the whole working set.)
 //
 // Invariants (under g_mu): setting <= hold <= kLearnLimit x setting for a learning clock, hold ==
-// setting for a fixed one; `unreturned` counts only bytes the clocks released (never caps,
+// setting for a fixed one; `last_free_us` is the latest free or return of a block to the pool; `unreturned` counts only bytes the clocks released (never caps,
 // growth, pressure or empty_cache).
 #include "scope.h"
 
@@ -31,13 +38,9 @@ int64_t times(int64_t value, int64_t factor) {
 }
 
 // The clock after a pause that belonged to the traffic: twice the pause, within
-// [setting, kLearnLimit x setting]; past that limit the work had ended: the setting again.
+// [setting, kLearnLimit x setting].
 int64_t learned(int64_t setting, int64_t hold, int64_t pause) {
-  const int64_t limit = times(setting, kLearnLimit);
-  if (pause > limit) {
-    return setting;
-  }
-  return std::clamp(std::max(hold, times(pause, 2)), setting, limit);
+  return std::clamp(std::max(hold, times(pause, 2)), setting, times(setting, kLearnLimit));
 }
 
 }  // namespace
@@ -60,11 +63,16 @@ void Pool::note_faulted(size_t bytes, int64_t now) {
   unreturned -= back;
   refaults += 1;
   bytes_refaulted += static_cast<int64_t>(back);
-  if (learn_idle && release_idle_us != kNone) {
-    hold_idle_us = learned(release_idle_us, hold_idle_us, now - unreturned_since_us);
-  }
-  if (learn_after) {
-    hold_after = learned(release_after, hold_after, static_cast<int64_t>(exits - unreturned_since_exit));
+  if (release_idle_us != kNone && now - last_free_us > times(release_idle_us, kLearnLimit)) {
+    hold_idle_us = release_idle_us;  // the work had ended
+    hold_after = release_after;
+  } else {
+    if (learn_idle && release_idle_us != kNone) {
+      hold_idle_us = learned(release_idle_us, hold_idle_us, now - unreturned_since_us);
+    }
+    if (learn_after) {
+      hold_after = learned(release_after, hold_after, static_cast<int64_t>(exits - unreturned_since_exit));
+    }
   }
   if (unreturned == 0) {
     unreturned_since_us = 0;
