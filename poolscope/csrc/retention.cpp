@@ -22,8 +22,9 @@
 // than 320 s came back, and the next 15 s pause released the whole working set.)
 //
 // Invariants (under g_mu): setting <= hold <= kLearnLimit x setting for a learning clock, hold ==
-// setting for a fixed one; `last_free_us` is the latest free or return of a block to the pool; `unreturned` counts only bytes the clocks released (never caps,
-// growth, pressure or empty_cache).
+// setting for a fixed one; `last_free_us` is the latest free or return of a block to the pool;
+// `unreturned` counts only bytes the clocks released (never caps, growth, pressure or
+// empty_cache).
 #include "scope.h"
 
 #include <algorithm>
