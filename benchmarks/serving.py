@@ -22,8 +22,9 @@ at once on two threads of each child.
 Per request: time, minor page faults and RSS after it, outputs hashed and compared with plain's.
 Per setup: medians after ``--warmup`` requests, time over the fastest peer request by request,
 the largest RSS in each tenth of the stream (growth over the second half is its peak there over
-its first tenth there), and RSS ``--idle`` seconds after the last request (all setups idle at
-once). poolscope's own figures say what its retention did (releases by time, by exits, refaults,
+its first tenth there; for poolscope also RSS less the pool's resident pages, read with
+``mincore``, which tells the pool's growth from the rest of the process's), and RSS ``--idle``
+seconds after the last request (all setups idle at once). poolscope's own figures say what its retention did (releases by time, by exits, refaults,
 the clocks it learned). An SVG of RSS over the stream goes next to the JSON.
 
 Run (in the models environment, which ``bash scripts/bench-models --setup-only`` makes):
@@ -109,6 +110,26 @@ def _rss() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
 
 
+def _resident(segments: list[dict[str, Any]]) -> int:
+    """Bytes of these segments resident in RAM (``mincore``): the pool's share of RSS, so that
+    what RSS gains outside the pool shows apart from pages the pool faulted back in."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page = mmap.PAGESIZE
+    total = 0
+    for segment in segments:
+        start = segment["address"] // page * page
+        end = -(-(segment["address"] + segment["total_size"]) // page) * page
+        vec = ctypes.create_string_buffer((end - start) // page)
+        if libc.mincore(start, end - start, vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed on a pool segment")
+        total += sum(b & 1 for b in vec.raw) * page
+    return total
+
+
 def _digest(out: Any) -> str:
     import torch
 
@@ -164,7 +185,8 @@ def child(workload: str, mode: str, count: int, seed: int, smoke: bool) -> None:
                 for t in threads:
                     t.join()
             wall = time.monotonic() - started
-            reply({"replies": replies, "wall": wall, "rss": _rss(), "started": started})
+            pool_rss = _resident(pool.segments()) if pool is not None else None
+            reply({"replies": replies, "wall": wall, "rss": _rss(), "pool_rss": pool_rss, "started": started})
         elif words[0] == "idle":  # idle S1 S2 ...: RSS at each of those moments after the last request
             started = time.monotonic()
             samples = []
@@ -254,7 +276,8 @@ class Setup(ChildProcess):
         reply = self.ask("serve " + " ".join(map(str, indices)))
         self.last_end = time.monotonic()
         for r in reply["replies"]:
-            self.records.append({**r, "gap": gap, "rss": reply["rss"], "wall": reply["wall"], "after_wait": after_wait})
+            self.records.append({**r, "gap": gap, "rss": reply["rss"], "pool_rss": reply.get("pool_rss"),
+                                 "wall": reply["wall"], "after_wait": after_wait})
 
 
 def run(args: argparse.Namespace, setups: dict[str, dict[str, str]], log: Callable[[str], None]) -> dict[str, Any]:
@@ -278,7 +301,7 @@ def run(args: argparse.Namespace, setups: dict[str, dict[str, str]], log: Callab
                     log(f"    {served}/{len(batches)} requests served by each setup")
                     # What a long stream has shown so far, should it be stopped before the end.
                     write_json(args.out, f"serving-{args.workload}-gap0-t{args.threads}-partial.json",
-                               {name: [{k: r[k] for k in ("index", "time", "faults", "misses", "rss", "digest")}
+                               {name: [{k: r[k] for k in ("index", "time", "faults", "misses", "rss", "pool_rss", "digest")}
                                        for r in child.records] for name, child in children.items()})
         else:
             due = {name: time.monotonic() for name in order}
@@ -314,6 +337,12 @@ def window_peaks(rss: list[int], windows: int = 10) -> list[int]:
     return [max(rss[i:i + size]) for i in range(0, len(rss), size)]
 
 
+def growth_second_half(peaks: list[int]) -> float:
+    """MiB: the largest window peak of the second half over its first. A pool that gives memory
+    back between bursts rises and falls within a window, which is not growth."""
+    return (max(peaks[len(peaks) // 2:]) - peaks[len(peaks) // 2]) / 2**20 if peaks else 0.0
+
+
 def summarize(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
     plain_digests = {r["index"]: r["digest"] for r in results["plain"]["records"]}
     counted = counted_records(args, results)
@@ -332,9 +361,7 @@ def summarize(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
             "faults_mean": statistics.fmean(r["faults"] for r in rec) if rec else None,
             "rss_mib_end_of_stream": rss[-1] / 2**20,
             "rss_peaks_mib": [x / 2**20 for x in peaks],
-            # The peak window of the second half over its first: a pool that gives memory back
-            # between bursts rises and falls within a window, which is not growth.
-            "rss_growth_second_half_mib": (max(peaks[len(peaks) // 2:]) - peaks[len(peaks) // 2]) / 2**20 if peaks else 0,
+            "rss_growth_second_half_mib": growth_second_half(peaks),
             "idle_rss_mib": {f"{m:g}": x / 2**20 for m, x in zip(args.idle, res["idle_rss"])},
             "identical": all(plain_digests.get(r["index"]) == r["digest"] for r in res["records"]),
             "gap_s": [min(gaps), statistics.median(gaps), max(gaps)] if gaps else None,
@@ -349,7 +376,14 @@ def summarize(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, An
                   if rival is not None and i in by_index[rival]]
         row["vs_fastest_peer"] = statistics.median(ratios) if ratios else None
         row["fastest_peer"] = rival
-        row["records"] = [{k: r[k] for k in ("index", "time", "faults", "misses", "rss", "gap")} for r in res["records"]]
+        row["records"] = [{k: r[k] for k in ("index", "time", "faults", "misses", "rss", "pool_rss", "gap")}
+                          for r in res["records"]]
+        if all(r["pool_rss"] is not None for r in res["records"]):
+            # RSS less the pool's resident pages: whether growth is the pool's or the rest's.
+            outside = window_peaks([r["rss"] - r["pool_rss"] for r in res["records"]])
+            row["rss_outside_pool_peaks_mib"] = [x / 2**20 for x in outside]
+            row["rss_outside_pool_growth_second_half_mib"] = growth_second_half(outside)
+            row["pool_rss_peaks_mib"] = [x / 2**20 for x in window_peaks([r["pool_rss"] for r in res["records"]])]
         if name == "poolscope" and rec:
             row["misses_per_request_after_warmup"] = statistics.fmean(r["misses"] for r in rec)
         summary[name] = row
@@ -413,7 +447,9 @@ def main() -> int:
         vs = f"{row['vs_fastest_peer']:.2f}x ({row['fastest_peer']})" if row["vs_fastest_peer"] else "-"
         rows.append([name, f"{row['ms']:.0f}", vs,
                      f"{row['faults']:.0f}", f"{row['faults_mean']:.0f}", f"{row['requests_per_s']:.2f}",
-                     f"{row['rss_mib_end_of_stream']:.0f}", f"{row['rss_growth_second_half_mib']:.0f}",
+                     f"{row['rss_mib_end_of_stream']:.0f}", f"{row['rss_growth_second_half_mib']:.0f}" + (
+                         f" ({row['rss_outside_pool_growth_second_half_mib']:.0f} outside the pool)"
+                         if "rss_outside_pool_growth_second_half_mib" in row else ""),
                      " / ".join(f"{v:.0f}" for v in row["idle_rss_mib"].values()), "yes" if row["identical"] else "NO",
                      "/".join(f"{g:.1f}" for g in row["gap_s"]) if row["gap_s"] else "-"])
     table = markdown(["setup", "ms/request (median)", "vs fastest peer", "faults (median)", "faults (mean)", "req/s",

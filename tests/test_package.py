@@ -107,6 +107,11 @@ def test_serving_benchmark_splits_faults_by_size_band_from_poolscope_at_several_
     assert [b["from"] for b in result["bands"]] == [
         "poolscope - poolscope@256KiB", "poolscope@256KiB - poolscope@64KiB", "poolscope@64KiB"]
     assert "| size band |" in out.stdout
+    # The pool's resident pages (mincore over its segments) are within RSS, and only pools have them.
+    records = {name: row["records"] for name, row in result["summary"].items()}
+    assert all(r["pool_rss"] is None for r in records["plain"])
+    assert max(r["pool_rss"] for r in records["poolscope@64KiB"]) > 0
+    assert all(0 <= r["pool_rss"] < r["rss"] for r in records["poolscope@64KiB"])
 
 
 def test_serving_benchmark_counts_rss_growth_from_the_peaks_of_the_stream_not_its_troughs():
@@ -122,11 +127,14 @@ def test_serving_benchmark_counts_rss_growth_from_the_peaks_of_the_stream_not_it
     streams = {
         "plain": [100 * mib + i * mib for i in range(40)],  # a staircase: 1 MiB a request
         "poolscope": [(300 if i % 4 == 3 else 200) * mib for i in range(40)],  # a sawtooth, flat peaks
+        "poolscope+tcmalloc": [200 * mib + i * mib for i in range(40)],  # growing, the pool flat
     }
+    pool_rss = {"plain": [None] * 40, "poolscope": [x - 150 * mib for x in streams["poolscope"]],
+                "poolscope+tcmalloc": [100 * mib] * 40}
     results = {
         name: {"idle_rss": [rss[-1]], "records": [
-            {"index": i, "time": 1.0, "faults": 0, "misses": 0, "rss": x, "digest": "d", "gap": 0.0,
-             "wall": 1.0, "after_wait": False} for i, x in enumerate(rss)]}
+            {"index": i, "time": 1.0, "faults": 0, "misses": 0, "rss": x, "pool_rss": pool_rss[name][i], "digest": "d",
+             "gap": 0.0, "wall": 1.0, "after_wait": False} for i, x in enumerate(rss)]}
         for name, rss in streams.items()
     }
     args = argparse.Namespace(warmup=0, threads=1, idle=[60.0])
@@ -135,6 +143,13 @@ def test_serving_benchmark_counts_rss_growth_from_the_peaks_of_the_stream_not_it
     assert summary["poolscope"]["rss_growth_second_half_mib"] == 0
     assert summary["plain"]["rss_peaks_mib"] == [103.0 + 4 * k for k in range(10)]
     assert summary["plain"]["rss_growth_second_half_mib"] == 16  # windows 6-10: 123 to 139 MiB
+    # With the pool's resident pages known, growth is told apart: the rest's, not the pool's.
+    assert "rss_outside_pool_peaks_mib" not in summary["plain"]
+    assert summary["poolscope"]["rss_outside_pool_growth_second_half_mib"] == 0
+    assert summary["poolscope"]["pool_rss_peaks_mib"] == [150.0] * 10
+    assert summary["poolscope+tcmalloc"]["rss_growth_second_half_mib"] == 16
+    assert summary["poolscope+tcmalloc"]["rss_outside_pool_growth_second_half_mib"] == 16
+    assert summary["poolscope+tcmalloc"]["pool_rss_peaks_mib"] == [100.0] * 10
 
 
 def test_serving_benchmark_names_an_unknown_setup():
