@@ -24,8 +24,9 @@ Per setup: medians after ``--warmup`` requests, time over the fastest peer reque
 the largest RSS in each tenth of the stream (growth over the second half is its peak there over
 its first tenth there; for poolscope also RSS less the pool's resident pages, read with
 ``mincore``, which tells the pool's growth from the rest of the process's), and RSS ``--idle``
-seconds after the last request (all setups idle at once). poolscope's own figures say what its retention did (releases by time, by exits, refaults,
-the clocks it learned). An SVG of RSS over the stream goes next to the JSON.
+seconds after the last request (all setups idle at once). poolscope's own figures say what its
+retention did (releases by time, by exits, refaults, the clocks it learned). An SVG of RSS over
+the stream goes next to the JSON.
 
 Run (in the models environment, which ``bash scripts/bench-models --setup-only`` makes):
     .venv-models/bin/python benchmarks/serving.py --workload embedding --gap 15 --requests 40
@@ -276,7 +277,7 @@ class Setup(ChildProcess):
         reply = self.ask("serve " + " ".join(map(str, indices)))
         self.last_end = time.monotonic()
         for r in reply["replies"]:
-            self.records.append({**r, "gap": gap, "rss": reply["rss"], "pool_rss": reply.get("pool_rss"),
+            self.records.append({**r, "gap": gap, "rss": reply["rss"], "pool_rss": reply["pool_rss"],
                                  "wall": reply["wall"], "after_wait": after_wait})
 
 
